@@ -1,0 +1,48 @@
+"""Argument checks run before any kernel: each error names the argument at fault."""
+
+from __future__ import annotations
+
+import torch
+
+_FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_floating_tensor(value: object, name: str, function: str) -> torch.Tensor:
+    """``value`` must be a floating-point tensor (fp32, fp64, bf16 or fp16)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{function}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _FLOATING:
+        raise TypeError(f"{function}: {name} must be a floating-point tensor (float32, float64, bfloat16 "
+                        f"or float16), got {value.dtype}")
+    return value
+
+
+def check_matches(value: torch.Tensor, name: str, other: torch.Tensor, other_name: str, function: str,
+                  *, shape: bool = True) -> None:
+    """``value`` must have ``other``'s dtype and device, and (if ``shape``) its shape."""
+    if value.dtype != other.dtype:
+        raise TypeError(f"{function}: {name} has dtype {value.dtype} but {other_name} has {other.dtype}; "
+                        "they must match")
+    if value.device != other.device:
+        raise ValueError(f"{function}: {name} is on {value.device} but {other_name} is on {other.device}; "
+                         "they must be on the same device")
+    if shape and value.shape != other.shape:
+        raise ValueError(f"{function}: {name} has shape {tuple(value.shape)} but {other_name} has "
+                         f"{tuple(other.shape)}; they must match")
+
+
+def check_negative_slope(negative_slope: object, function: str) -> float:
+    """The LeakyReLU slope must be a finite number >= 0: the fused backward reads the
+    gradient mask from the activated output, which is only valid for slope >= 0."""
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"{function}: negative_slope must be a number, got {type(negative_slope).__name__}")
+    if not negative_slope >= 0 or negative_slope == float("inf"):
+        raise ValueError(f"{function}: negative_slope must be finite and >= 0 (the backward reads the mask from "
+                         f"the activated output), got {negative_slope}")
+    return float(negative_slope)
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...], function: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{function}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""Benchmark cases, defined once: used by benchmarks/ and by the report."""

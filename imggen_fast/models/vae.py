@@ -1,0 +1,112 @@
+"""A convolutional VAE: Conv2d+LeakyReLU encoder to (mu, logvar), the
+reparameterization, and a Linear + ConvTranspose2d+LeakyReLU decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import reference
+from ._sizes import BASE_SIZE, check_positive, stride2_stages
+
+SLOPE = 0.2
+ENCODER_FIRST_CHANNELS = 32
+RECONSTRUCTIONS = ("gaussian", "bernoulli")
+
+
+class Reparameterize(nn.Module):
+    """Eager reparameterization with the KL term: ``forward(mu, logvar) -> (z, kl)``.
+
+    mu, logvar (N, *): ``z = mu + eps * exp(0.5 * logvar)`` with ``eps ~ N(0, 1)``, and
+    ``kl = beta * KL(N(mu, exp(logvar)) || N(0, 1))`` reduced by ``reduction``. In
+    ``eval()`` mode ``z = mu`` unless ``sample_in_eval``. The same interface as
+    ``imggen_fast.nn.Reparameterize``, which ``imggen_fast.patch`` swaps in."""
+
+    def __init__(self, beta: float = 1.0, reduction: str = "batchmean", sample_in_eval: bool = False) -> None:
+        super().__init__()
+        self.beta = beta
+        self.reduction = reduction
+        self.sample_in_eval = sample_in_eval
+
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, kl = reference.reparameterize_kl(mu, logvar, beta=self.beta, reduction=self.reduction)
+        if not (self.training or self.sample_in_eval):
+            z = mu
+        return z, kl
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, reduction={self.reduction!r}, sample_in_eval={self.sample_in_eval}"
+
+
+class VAE(nn.Module):
+    """Images (N, channels, image_size, image_size) -> (reconstruction, mu, logvar).
+
+    Encoder: Conv2d(k4, s2, p1)+LeakyReLU(0.2) stages 32, 64, 128, ... down to 4 x 4,
+    then Linear heads to mu and logvar (N, latent_dim). Decoder: Linear+LeakyReLU to
+    (C, 4, 4), ConvTranspose2d(k4, s2, p1)+LeakyReLU stages halving the channels, a
+    last stage to ``channels`` without activation: the Gaussian mean (``reconstruction=
+    "gaussian"``, images in [-1, 1]) or the Bernoulli logits (``"bernoulli"``, for
+    binary images; the targets are ``(x + 1) / 2``)."""
+
+    def __init__(self, image_size: int = 64, channels: int = 3, latent_dim: int = 32,
+                 reconstruction: str = "gaussian") -> None:
+        super().__init__()
+        stages = stride2_stages(image_size, "VAE")
+        if reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"VAE: reconstruction must be 'gaussian' or 'bernoulli', got {reconstruction!r}")
+        self.image_size = image_size
+        self.channels = check_positive(channels, "channels", "VAE")
+        self.latent_dim = check_positive(latent_dim, "latent_dim", "VAE")
+        self.reconstruction = reconstruction
+        encoder: list[nn.Module] = []
+        in_channels = channels
+        for stage in range(stages):
+            out_channels = ENCODER_FIRST_CHANNELS << stage
+            encoder += [nn.Conv2d(in_channels, out_channels, 4, 2, 1), nn.LeakyReLU(SLOPE)]
+            in_channels = out_channels
+        encoder.append(nn.Flatten())
+        self.encoder = nn.Sequential(*encoder)
+        flat = in_channels * BASE_SIZE * BASE_SIZE
+        self.to_mu = nn.Linear(flat, latent_dim)
+        self.to_logvar = nn.Linear(flat, latent_dim)
+        self.reparameterize = Reparameterize()
+        decoder: list[nn.Module] = [nn.Linear(latent_dim, flat), nn.LeakyReLU(SLOPE),
+                                    nn.Unflatten(1, (in_channels, BASE_SIZE, BASE_SIZE))]
+        for _ in range(stages - 1):
+            decoder += [nn.ConvTranspose2d(in_channels, in_channels // 2, 4, 2, 1), nn.LeakyReLU(SLOPE)]
+            in_channels //= 2
+        decoder.append(nn.ConvTranspose2d(in_channels, channels, 4, 2, 1))
+        self.decoder = nn.Sequential(*decoder)
+        if reconstruction == "gaussian":
+            self.reconstruction_loss: nn.Module = nn.MSELoss(reduction="sum")
+        else:
+            self.reconstruction_loss = nn.BCEWithLogitsLoss(reduction="sum")
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (mu, logvar), each (N, latent_dim)."""
+        features = self.encoder(images)
+        return self.to_mu(features), self.to_logvar(features)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (N, latent_dim) -> reconstruction (N, channels, image_size, image_size)."""
+        return self.decoder(z)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(images)
+        z, _ = self.reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar
+
+    def loss(self, images: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+        """Reconstruction loss (summed over pixels) + beta * KL, averaged over the batch."""
+        mu, logvar = self.encode(images)
+        z, kl = self.reparameterize(mu, logvar)
+        reconstruction = self.decode(z)
+        target = images if self.reconstruction == "gaussian" else (images + 1) / 2
+        return self.reconstruction_loss(reconstruction, target) / images.shape[0] + beta * kl
+
+    def sample(self, batch_size: int, device: torch.device | str | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decodes standard normal latents; Bernoulli logits are mapped to [-1, 1]."""
+        z = torch.randn(batch_size, self.latent_dim, device=device, generator=generator)
+        decoded = self.decode(z)
+        return decoded if self.reconstruction == "gaussian" else torch.sigmoid(decoded) * 2 - 1

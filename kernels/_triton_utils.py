@@ -1,0 +1,96 @@
+"""Helpers shared by the Triton kernel modules: autotuning that also works in
+Triton's interpreter, the ahead-of-time compile specs, and dense-layout handling
+(the Python twin of ``csrc/layout.h``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when kernels run in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _benchmark(kernel_call, quantiles):
+    # The interpreter has no GPU timer: report equal times, so the first config runs.
+    if interpreting():
+        return [0.0] * len(quantiles)
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, quantiles=quantiles)
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    """``triton.autotune`` whose benchmarking step also works under the interpreter."""
+    return triton.autotune(configs=configs, key=key, do_bench=_benchmark, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class AotKernel:
+    """A kernel as the code launches it, for the ahead-of-time compile test.
+
+    ``signature`` maps each non-constexpr argument to a Triton type; ``{dtype}`` in a
+    type is replaced by each entry of ``dtypes`` in turn. ``constexprs`` holds the
+    constexpr arguments that are not block sizes from the autotune configs."""
+
+    kernel: object  # a triton.JITFunction or triton.runtime.Autotuner
+    signature: dict[str, str]
+    constexprs: dict[str, object] = dataclasses.field(default_factory=dict)
+    dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+    @property
+    def name(self) -> str:
+        function = getattr(self.kernel, "fn", self.kernel)
+        return getattr(function, "__name__", repr(function))
+
+    def variants(self):
+        """Yields ``(dtype, signature, constexprs, options)`` for every launchable configuration."""
+        configs = getattr(self.kernel, "configs", None) or [triton.Config({})]
+        for dtype in self.dtypes:
+            signature = {name: kind.format(dtype=dtype) for name, kind in self.signature.items()}
+            for config in configs:
+                constexprs = {**self.constexprs, **config.kwargs}
+                for name in constexprs:
+                    signature[name] = "constexpr"
+                options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+                yield dtype, signature, constexprs, options
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """True for contiguous and channels_last tensors: a flat sweep over ``numel()``
+    elements from ``data_ptr()`` visits each element once."""
+    return tensor.is_contiguous() or (tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last))
+
+
+def dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if it is dense, else a copy (channels_last if its channels are
+    innermost, as in a gapped view of a channels_last tensor, else contiguous)."""
+    if is_dense(tensor):
+        return tensor
+    channels_innermost = tensor.dim() == 4 and tensor.size(1) > 1 and tensor.stride(1) == 1
+    return tensor.contiguous(memory_format=torch.channels_last if channels_innermost else torch.contiguous_format)
+
+
+def in_layout_of(tensor: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the strides of the dense tensor ``layout``: as is when they match, else copied once."""
+    if tensor.stride() == layout.stride() and is_dense(tensor):
+        return tensor
+    return torch.empty_like(layout).copy_(tensor)
+
+
+def flat_grid(numel: int):
+    """Grid of one program per ``BLOCK`` elements."""
+    return lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
+
+
+# One program per block of this many elements, 4 or 8 warps: the usual
+# choices for a memory-bound elementwise sweep.
+ELEMENTWISE_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 4096}, num_warps=8),
+]

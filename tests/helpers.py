@@ -1,0 +1,60 @@
+"""Shared by the op tests: tolerances per dtype, comparisons, layouts, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+# (rtol, atol) for comparing a kernel with the reference computed in the same dtype.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float64: (1e-12, 1e-12),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (1e-3, 1e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 scale: float = 1.0, message: str = "") -> None:
+    """``torch.testing.assert_close`` with the tolerance of ``dtype`` (default: expected's),
+    both tolerances multiplied by ``scale`` for results that sum many terms."""
+    rtol, atol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale, msg=message or None)
+
+
+def channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """A channels_last copy of a 4-D tensor (the test's input, not the op's business)."""
+    return tensor.contiguous(memory_format=torch.channels_last)
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter with the given extra environment."""
+    full_env = {**os.environ, **(env or {})}
+    for name, value in list(full_env.items()):
+        if value is None:
+            del full_env[name]
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPOSITORY)
+
+
+# opcheck's aot_dispatch tests trace a triton_op into its kernels, which the interpreter
+# cannot do on CPU tensors (no GPU, no real kernel launch to trace); on a GPU the full
+# set runs (see the requires_cuda tests).
+INTERPRETER_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+ALL_OPCHECK_UTILS = INTERPRETER_OPCHECK_UTILS + ("test_aot_dispatch_dynamic",)
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU; on this machine the Triton kernels are checked in the interpreter instead")
+
+
+def opcheck_utils(backend: str, device: torch.device) -> tuple[str, ...]:
+    """The opcheck test utilities that can run for ``backend`` on ``device``."""
+    return INTERPRETER_OPCHECK_UTILS if backend == "triton" and device.type == "cpu" else ALL_OPCHECK_UTILS

@@ -1,0 +1,149 @@
+"""The LeakyReLU epilogue op ``leaky_relu_backward_from_output`` on every backend
+against the eager reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, channels_last, opcheck_utils, requires_cuda
+
+import imggen_fast
+from imggen_fast import functional, reference
+from imggen_fast.ops import leaky_relu as leaky_relu_ops
+
+SHAPES = [(1,), (3, 7), (2, 5, 3, 7), (64, 33), (4097,), (0, 4)]
+SLOPES = [0.0, 0.01, 0.2]
+# (backend, dtype): the C++ kernel in every CPU dtype; Triton in its interpreter, fp32.
+BACKEND_DTYPES = [("cpp", torch.float32), ("cpp", torch.float64), ("cpp", torch.bfloat16),
+                  ("triton", torch.float32)]
+
+
+def make_pair(shape, dtype, slope, seed=0):
+    """(grad_output, output): output is a real LeakyReLU output, with exact zeros mixed in."""
+    generator = torch.Generator().manual_seed(seed)
+    pre = torch.randn(shape, generator=generator, dtype=torch.float64)
+    pre[(torch.rand(shape, generator=generator) < 0.1)] = 0.0
+    output = F.leaky_relu(pre, slope).to(dtype)
+    grad_output = (torch.randn(shape, generator=generator, dtype=torch.float64) * 3).to(dtype)
+    return grad_output, output
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("slope", SLOPES)
+def test_matches_reference(backend, dtype, shape, slope):
+    grad_output, output = make_pair(shape, dtype, slope)
+    with imggen_fast.set_backend(backend):
+        result = functional.leaky_relu_backward_from_output(grad_output, output, slope)
+    expected = reference.leaky_relu_backward_from_output(grad_output.double(), output.double(), slope)
+    assert result.dtype == dtype and result.shape == output.shape
+    assert_close(result, expected.to(dtype), dtype)
+
+
+def test_matches_torch_leaky_relu_backward():
+    """The mask read from the output equals autograd's mask read from the input."""
+    pre = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    grad_output = torch.randn(6, 9, dtype=torch.float64)
+    output = F.leaky_relu(pre, 0.2)
+    (expected,) = torch.autograd.grad(output, pre, grad_output)
+    result = functional.leaky_relu_backward_from_output(grad_output, output.detach(), 0.2)
+    torch.testing.assert_close(result, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_channels_last_in_channels_last_out(backend):
+    grad_output, output = (channels_last(t) for t in make_pair((2, 7, 3, 5), torch.float32, 0.2))
+    with imggen_fast.set_backend(backend):
+        result = functional.leaky_relu_backward_from_output(grad_output, output, 0.2)
+    assert result.is_contiguous(memory_format=torch.channels_last)
+    assert_close(result, reference.leaky_relu_backward_from_output(grad_output, output, 0.2))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_mixed_layouts_and_strided_views(backend):
+    grad_output, output = make_pair((4, 6, 5, 8), torch.float32, 0.01)
+    cases = [
+        (grad_output, channels_last(output)),            # layouts differ
+        (grad_output[:, ::2], output[:, ::2]),           # gapped views
+        (grad_output.transpose(2, 3), output.transpose(2, 3)),
+        (grad_output[..., 0].expand(4, 6, 5), output[..., 1].expand(4, 6, 5)),
+    ]
+    with imggen_fast.set_backend(backend):
+        for grad_case, output_case in cases:
+            result = functional.leaky_relu_backward_from_output(grad_case, output_case, 0.01)
+            assert_close(result, reference.leaky_relu_backward_from_output(grad_case, output_case, 0.01))
+
+
+def test_auto_uses_cpp_on_cpu():
+    with imggen_fast.set_backend("auto"):
+        assert leaky_relu_ops.IMPLEMENTATIONS.backend_for(torch.device("cpu")) == "cpp"
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_gradcheck_and_double_backward(backend):
+    grad_output, output = make_pair((3, 5), torch.float64, 0.2)
+    grad_output.requires_grad_(True)
+    with imggen_fast.set_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda g: functional.leaky_relu_backward_from_output(g, output, 0.2), (grad_output,))
+        assert torch.autograd.gradgradcheck(
+            lambda g: functional.leaky_relu_backward_from_output(g, output, 0.2), (grad_output,))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_gradient_with_respect_to_output_is_zero(backend):
+    """The mask is piecewise constant in output: its gradient there is zero."""
+    grad_output, output = make_pair((3, 5), torch.float64 if backend == "cpp" else torch.float32, 0.2)
+    output.requires_grad_(True)
+    with imggen_fast.set_backend(backend):
+        result = functional.leaky_relu_backward_from_output(grad_output, output, 0.2)
+    (grad,) = torch.autograd.grad((result * 3).sum(), output, materialize_grads=True)
+    assert torch.count_nonzero(grad) == 0
+
+
+def check_op(backend, device, shape):
+    grad_output, output = (t.to(device) for t in make_pair(shape, torch.float32, 0.2))
+    with imggen_fast.set_backend(backend):
+        op = leaky_relu_ops.IMPLEMENTATIONS.select(output.device)
+    for sample in [(grad_output, output, 0.2), (grad_output.requires_grad_(), output, 0.0)]:
+        torch.library.opcheck(op, sample, test_utils=opcheck_utils(backend, output.device))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("shape", [(3, 7), (2, 3, 4, 5)], ids=str)
+def test_opcheck(backend, shape):
+    check_op(backend, torch.device("cpu"), shape)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_opcheck_cuda(backend):
+    check_op(backend, torch.device("cuda"), (2, 3, 4, 5))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    grad_output, output = make_pair((8, 33), torch.float32, 0.2)
+
+    def step(g, y):
+        return functional.leaky_relu_backward_from_output(g * 2, y, 0.2) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(grad_output, output), step(grad_output, output), rtol=0, atol=0)
+
+
+BAD_INPUTS = [
+    (lambda g, y: ([1.0], y, 0.2), TypeError, "grad_output must be a torch.Tensor"),
+    (lambda g, y: (g, y.int(), 0.2), TypeError, "output must be a floating-point"),
+    (lambda g, y: (g.double(), y, 0.2), TypeError, "grad_output has dtype"),
+    (lambda g, y: (g[:2], y, 0.2), ValueError, "grad_output has shape"),
+    (lambda g, y: (g, y, -0.1), ValueError, "negative_slope must be finite and >= 0"),
+    (lambda g, y: (g, y, float("nan")), ValueError, "negative_slope"),
+    (lambda g, y: (g, y, "0.2"), TypeError, "negative_slope must be a number"),
+]
+
+
+@pytest.mark.parametrize("make_arguments,error,message", BAD_INPUTS)
+def test_bad_input_names_the_argument(make_arguments, error, message):
+    grad_output, output = make_pair((3, 4), torch.float32, 0.2)
+    with pytest.raises(error, match=message):
+        functional.leaky_relu_backward_from_output(*make_arguments(grad_output, output))
