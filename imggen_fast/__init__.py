@@ -4,9 +4,9 @@ Public names: :mod:`imggen_fast.functional`, :mod:`imggen_fast.nn`,
 :mod:`imggen_fast.models`, :func:`set_backend` / :func:`get_backend`.
 """
 
-from . import functional, models
+from . import functional, models, nn
 from .backends import BackendUnavailable, get_backend, set_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "functional", "get_backend", "models", "set_backend", "__version__"]
+__all__ = ["BackendUnavailable", "functional", "get_backend", "models", "nn", "set_backend", "__version__"]
