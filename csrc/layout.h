@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 
+#include <optional>
+
 namespace imggen_fast {
 
 // The Python layer validates arguments before any kernel runs; these checks keep a
@@ -43,6 +45,37 @@ inline at::Tensor in_layout_of(const at::Tensor& tensor, const at::Tensor& layou
     return tensor;
   }
   return at::empty_like(layout).copy_(tensor);
+}
+
+// A dense tensor seen as (outer, channels, inner) around its channel dim: element
+// (o, c, i) sits at o * channels * inner + c * inner + i. Contiguous tensors give
+// outer = prod(sizes before), inner = prod(sizes after); channels_last 4-D tensors
+// with channel dim 1 give outer = N * H * W and inner = 1.
+struct ChannelLayout {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+};
+
+inline std::optional<ChannelLayout> channel_layout(const at::Tensor& tensor, int64_t channel_dim) {
+  const int64_t channels = tensor.size(channel_dim);
+  if (tensor.is_contiguous()) {
+    int64_t outer = 1;
+    int64_t inner = 1;
+    for (int64_t d = 0; d < channel_dim; ++d) outer *= tensor.size(d);
+    for (int64_t d = channel_dim + 1; d < tensor.dim(); ++d) inner *= tensor.size(d);
+    return ChannelLayout{outer, channels, inner};
+  }
+  if (tensor.dim() == 4 && channel_dim == 1 && tensor.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return ChannelLayout{tensor.size(0) * tensor.size(2) * tensor.size(3), channels, 1};
+  }
+  return std::nullopt;
+}
+
+// `tensor` if channel_layout() can describe it, else a contiguous copy (only for
+// layouts that are neither contiguous nor channels_last, such as gapped views).
+inline at::Tensor with_channel_layout(const at::Tensor& tensor, int64_t channel_dim) {
+  return channel_layout(tensor, channel_dim) ? tensor : tensor.contiguous();
 }
 
 }  // namespace imggen_fast

@@ -6,4 +6,16 @@
 TORCH_LIBRARY(imggen_fast, m) {
   // grad_input = grad_output * (output > 0 ? 1 : negative_slope), output = leaky_relu(input).
   m.def("leaky_relu_backward_from_output(Tensor grad_output, Tensor output, float negative_slope) -> Tensor");
+  // output = leaky_relu(output + bias broadcast along channel_dim), in place (the fused layers' epilogue).
+  m.def("bias_leaky_relu_(Tensor(a!) output, Tensor? bias, float negative_slope, int channel_dim) -> ()");
+  // (grad_input, grad_bias): grad_input as leaky_relu_backward_from_output, grad_bias its sum over
+  // every dim but channel_dim, in one sweep.
+  m.def("bias_leaky_relu_backward(Tensor grad_output, Tensor output, float negative_slope, int channel_dim) "
+        "-> (Tensor, Tensor)");
+  // The fused layers: leaky_relu(layer(input, weight) + bias, negative_slope), with torch's arguments.
+  m.def("conv_transpose2d_leaky_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] output_padding, int groups, int[2] dilation, float negative_slope) -> Tensor");
+  m.def("conv2d_leaky_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, float negative_slope) -> Tensor");
+  m.def("linear_leaky_relu(Tensor input, Tensor weight, Tensor? bias, float negative_slope) -> Tensor");
 }

@@ -78,9 +78,11 @@ def cuda_build_wanted() -> bool:
 
 
 def source_files(with_cuda: bool) -> list[Path]:
-    """The translation units of the library: the schemas, the CPU kernels, and the CUDA kernels if wanted."""
+    """The translation units of the library: the schemas and composites, the CPU kernels, and the
+    CUDA kernels if wanted."""
     root = csrc_dir()
-    sources = [root / "registration.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    # csrc/*.cpp: the schemas and the device-independent composites; csrc/cpu: CPU kernels.
+    sources = [*sorted(root.glob("*.cpp")), *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda:
         sources += sorted((root / "cuda").glob("*.cu"))
     return sources

@@ -46,3 +46,33 @@ def check_choice(value: object, name: str, choices: tuple[str, ...], function: s
     if value not in choices:
         raise ValueError(f"{function}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+def check_optional_bias(bias: object, input: torch.Tensor, channels: int, function: str) -> None:
+    """``bias`` must be None or a 1-D tensor of ``channels`` elements with input's dtype and device."""
+    if bias is None:
+        return
+    check_floating_tensor(bias, "bias", function)
+    check_matches(bias, "bias", input, "input", function, shape=False)
+    if bias.shape != (channels,):
+        raise ValueError(f"{function}: bias must have shape ({channels},), got {tuple(bias.shape)}")
+
+
+def pair(value: object, name: str, function: str, minimum: int) -> list[int]:
+    """An int or a pair of ints, each >= ``minimum``, as a list of two ints."""
+    values = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(values, (tuple, list)) or len(values) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+        raise TypeError(f"{function}: {name} must be an int or a pair of ints, got {value!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{function}: {name} must be >= {minimum}, got {value!r}")
+    return list(values)
+
+
+def check_groups(groups: object, in_channels: int, out_channels: int, function: str) -> int:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{function}: groups must be a positive integer, got {groups!r}")
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"{function}: groups={groups} must divide the input channels ({in_channels}) and the "
+                         f"output channels ({out_channels})")
+    return groups

@@ -190,23 +190,23 @@ class Implementations:
             implementation = self._resolved[backend] = loader()
         return implementation
 
-    def select(self, device: torch.device, unsupported: str | None = None) -> Callable:
+    def select(self, device: torch.device, unsupported: str | None = None,
+               uncovered_by: tuple[str, ...] | None = None) -> Callable:
         """The callable serving a call on ``device``.
 
         ``unsupported``: why the kernels do not cover this call's configuration, or None;
-        such a call goes to the reference with a one-time warning naming the reason."""
-        if unsupported is not None:
-            if get_backend() != "reference":
-                warn_once(f"{self.op_name}:{unsupported}",
-                          f"imggen_fast.{self.op_name}: {unsupported}; using the reference implementation")
-            return self.reference
+        such a call goes to the reference with a one-time warning naming the reason.
+        ``uncovered_by``: the backends that reason applies to (default: every kernel)."""
         cached = self._by_device.get(device.type)
-        if cached is not None and cached[0] == _generation:
-            return cached[2]
-        backend = choose(device.type)
-        implementation = self._resolve(backend)
-        self._by_device[device.type] = (_generation, backend, implementation)
-        return implementation
+        if cached is None or cached[0] != _generation:
+            backend = choose(device.type)
+            cached = self._by_device[device.type] = (_generation, backend, self._resolve(backend))
+        if unsupported is not None and cached[1] != "reference" and (
+                uncovered_by is None or cached[1] in uncovered_by):
+            warn_once(f"{self.op_name}:{unsupported}",
+                      f"imggen_fast.{self.op_name}: {unsupported}; using the reference implementation")
+            return self.reference
+        return cached[2]
 
     def backend_for(self, device: torch.device) -> str:
         """The name of the backend :meth:`select` uses for ``device`` (for ``doctor`` and tests)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from .ops import layer_leaky_relu as _layers
 from .ops import leaky_relu as _leaky_relu
 
 
@@ -23,3 +24,117 @@ def leaky_relu_backward_from_output(grad_output: torch.Tensor, output: torch.Ten
     _checks.check_matches(grad_output, "grad_output", output, "output", name)
     negative_slope = _checks.check_negative_slope(negative_slope, name)
     return _leaky_relu.leaky_relu_backward_from_output(grad_output, output, negative_slope)
+
+
+def _check_layer_tensors(input: object, weight: object, function: str, weight_dim: int) -> None:
+    _checks.check_floating_tensor(input, "input", function)
+    _checks.check_floating_tensor(weight, "weight", function)
+    _checks.check_matches(weight, "weight", input, "input", function, shape=False)
+    if weight.dim() != weight_dim:
+        raise ValueError(f"{function}: weight must be {weight_dim}-D, got shape {tuple(weight.shape)}")
+
+
+def _check_image_input(input: torch.Tensor, function: str) -> None:
+    if input.dim() not in (3, 4):
+        raise ValueError(f"{function}: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape "
+                         f"{tuple(input.shape)}")
+
+
+def _check_output_size(height: int, width: int, input: torch.Tensor, function: str) -> None:
+    if height <= 0 or width <= 0:
+        raise ValueError(f"{function}: input of shape {tuple(input.shape)} gives an output of {height} x {width} "
+                         "with these weight, stride, padding and dilation; it must be at least 1 x 1")
+
+
+def conv_transpose2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                                stride=1, padding=0, output_padding=0, groups: int = 1, dilation=1,
+                                negative_slope: float = 0.01) -> torch.Tensor:
+    """``leaky_relu(conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups,
+    dilation), negative_slope)`` fused: the arguments and defaults of
+    ``torch.nn.functional.conv_transpose2d`` plus ``negative_slope`` (>= 0; 0 is ReLU).
+
+    input (N, C_in, H, W) or (C_in, H, W); weight (C_in, C_out / groups, kH, kW); bias
+    (C_out,) or None. Returns (N, C_out, H_out, W_out) in the input's memory format.
+    Keeps input, weight and the output for backward, never the pre-activation."""
+    name = "conv_transpose2d_leaky_relu"
+    _check_layer_tensors(input, weight, name, 4)
+    _check_image_input(input, name)
+    if weight.shape[0] != input.shape[-3]:
+        raise ValueError(f"{name}: weight must have shape (C_in={input.shape[-3]}, C_out / groups, kH, kW), got "
+                         f"{tuple(weight.shape)}")
+    groups = _checks.check_groups(groups, weight.shape[0], weight.shape[0], name)
+    _checks.check_optional_bias(bias, input, weight.shape[1] * groups, name)
+    stride = _checks.pair(stride, "stride", name, 1)
+    padding = _checks.pair(padding, "padding", name, 0)
+    dilation = _checks.pair(dilation, "dilation", name, 1)
+    output_padding = _checks.pair(output_padding, "output_padding", name, 0)
+    for axis in range(2):
+        if output_padding[axis] >= max(stride[axis], dilation[axis]):
+            raise ValueError(f"{name}: output_padding must be smaller than stride or dilation, got "
+                             f"output_padding={output_padding}, stride={stride}, dilation={dilation}")
+    size = [(input.shape[-2 + axis] - 1) * stride[axis] - 2 * padding[axis]
+            + dilation[axis] * (weight.shape[2 + axis] - 1) + output_padding[axis] + 1 for axis in range(2)]
+    _check_output_size(*size, input, name)
+    negative_slope = _checks.check_negative_slope(negative_slope, name)
+    if input.dim() == 3:
+        return _layers.conv_transpose2d_leaky_relu(input.unsqueeze(0), weight, bias, stride, padding, output_padding,
+                                                   groups, dilation, negative_slope).squeeze(0)
+    return _layers.conv_transpose2d_leaky_relu(input, weight, bias, stride, padding, output_padding, groups,
+                                               dilation, negative_slope)
+
+
+def conv2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
+                      padding=0, dilation=1, groups: int = 1, negative_slope: float = 0.01) -> torch.Tensor:
+    """``leaky_relu(conv2d(input, weight, bias, stride, padding, dilation, groups), negative_slope)``
+    fused: the arguments and defaults of ``torch.nn.functional.conv2d`` (``padding`` may be
+    ``"valid"`` or ``"same"``) plus ``negative_slope`` (>= 0; 0 is ReLU).
+
+    input (N, C_in, H, W) or (C_in, H, W); weight (C_out, C_in / groups, kH, kW); bias
+    (C_out,) or None. Returns (N, C_out, H_out, W_out) in the input's memory format."""
+    name = "conv2d_leaky_relu"
+    _check_layer_tensors(input, weight, name, 4)
+    _check_image_input(input, name)
+    groups = _checks.check_groups(groups, input.shape[-3], weight.shape[0], name)
+    if weight.shape[1] * groups != input.shape[-3]:
+        raise ValueError(f"{name}: weight must have shape (C_out, C_in / groups = {input.shape[-3] // groups}, kH, "
+                         f"kW), got {tuple(weight.shape)}")
+    _checks.check_optional_bias(bias, input, weight.shape[0], name)
+    stride = _checks.pair(stride, "stride", name, 1)
+    dilation = _checks.pair(dilation, "dilation", name, 1)
+    negative_slope = _checks.check_negative_slope(negative_slope, name)
+    if padding == "valid":
+        padding = [0, 0]
+    elif padding == "same":
+        if stride != [1, 1]:
+            raise ValueError(f"{name}: padding='same' needs stride 1, got stride={stride}")
+        totals = [dilation[axis] * (weight.shape[2 + axis] - 1) for axis in range(2)]
+        if any(total % 2 for total in totals):
+            # Even kernels need asymmetric padding, which the kernels do not take.
+            return _layers.CONV2D.select(input.device, "padding='same' with an even kernel (asymmetric padding)")(
+                input, weight, bias, stride, "same", dilation, groups, negative_slope)
+        padding = [total // 2 for total in totals]
+    else:
+        padding = _checks.pair(padding, "padding", name, 0)
+    size = [(input.shape[-2 + axis] + 2 * padding[axis] - dilation[axis] * (weight.shape[2 + axis] - 1) - 1)
+            // stride[axis] + 1 for axis in range(2)]
+    _check_output_size(*size, input, name)
+    if input.dim() == 3:
+        return _layers.conv2d_leaky_relu(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
+                                         negative_slope).squeeze(0)
+    return _layers.conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, negative_slope)
+
+
+def linear_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      negative_slope: float = 0.01) -> torch.Tensor:
+    """``leaky_relu(linear(input, weight, bias), negative_slope)`` fused.
+
+    input (*, in_features); weight (out_features, in_features); bias (out_features,) or
+    None. Returns (*, out_features)."""
+    name = "linear_leaky_relu"
+    _check_layer_tensors(input, weight, name, 2)
+    if input.dim() == 0 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: input's last dim must be in_features={weight.shape[1]} (weight is "
+                         f"{tuple(weight.shape)}), got input of shape {tuple(input.shape)}")
+    _checks.check_optional_bias(bias, input, weight.shape[0], name)
+    negative_slope = _checks.check_negative_slope(negative_slope, name)
+    return _layers.linear_leaky_relu(input, weight, bias, negative_slope)

@@ -5,6 +5,80 @@ constructor signatures (plus the fused op's own arguments), so ``state_dict``,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import functional
+from . import _checks, functional
+
+
+class _FusedLeakyReLU:
+    """Mixin of the fused layers: the ``negative_slope`` attribute and its ``repr``."""
+
+    negative_slope: float
+
+    def _set_negative_slope(self, negative_slope: float) -> None:
+        self.negative_slope = _checks.check_negative_slope(negative_slope, type(self).__name__)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, negative_slope={self.negative_slope}"
+
+
+class ConvTranspose2dLeakyReLU(_FusedLeakyReLU, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` followed by ``nn.LeakyReLU(negative_slope)``, fused.
+
+    The same constructor, parameters, initialisation and ``state_dict`` as
+    ``nn.ConvTranspose2d``, plus the keyword ``negative_slope`` (default 0.01, as
+    ``nn.LeakyReLU``; 0 is ReLU). Input (N, C_in, H, W) or (C_in, H, W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = True, dilation=1, padding_mode: str = "zeros", device=None,
+                 dtype=None, *, negative_slope: float = 0.01) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
+                         dilation, padding_mode, device, dtype)
+        self._set_negative_slope(negative_slope)
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError("Only 'zeros' padding mode is supported for ConvTranspose2dLeakyReLU")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                              self.dilation)
+        return functional.conv_transpose2d_leaky_relu(input, self.weight, self.bias, self.stride, self.padding,
+                                                      output_padding, self.groups, self.dilation,
+                                                      self.negative_slope)
+
+
+class Conv2dLeakyReLU(_FusedLeakyReLU, nn.Conv2d):
+    """``nn.Conv2d`` followed by ``nn.LeakyReLU(negative_slope)``, fused.
+
+    The same constructor (padding modes included), parameters, initialisation and
+    ``state_dict`` as ``nn.Conv2d``, plus the keyword ``negative_slope``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 negative_slope: float = 0.01) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self._set_negative_slope(negative_slope)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return functional.conv2d_leaky_relu(input, self.weight, self.bias, self.stride, padding, self.dilation,
+                                            self.groups, self.negative_slope)
+
+
+class LinearLeakyReLU(_FusedLeakyReLU, nn.Linear):
+    """``nn.Linear`` followed by ``nn.LeakyReLU(negative_slope)``, fused.
+
+    The same constructor, parameters, initialisation and ``state_dict`` as
+    ``nn.Linear``, plus the keyword ``negative_slope``. Input (*, in_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 negative_slope: float = 0.01) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._set_negative_slope(negative_slope)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return functional.linear_leaky_relu(input, self.weight, self.bias, self.negative_slope)

@@ -22,6 +22,30 @@ def leaky_relu_backward_from_output(grad_output: torch.Tensor, output: torch.Ten
     return torch.where(output > 0, grad_output, grad_output * negative_slope)
 
 
+def _channel_shape(tensor: torch.Tensor, channel_dim: int) -> list[int]:
+    shape = [1] * tensor.dim()
+    shape[channel_dim] = -1
+    return shape
+
+
+def bias_leaky_relu_(output: torch.Tensor, bias: torch.Tensor | None, negative_slope: float,
+                     channel_dim: int) -> None:
+    """``output = leaky_relu(output + bias, slope)`` in place, bias (C,) broadcast along
+    ``channel_dim`` of output (*, C, *). Returns nothing, as the op does."""
+    if bias is not None:
+        output.add_(bias.reshape(_channel_shape(output, channel_dim)))
+    F.leaky_relu_(output, negative_slope)
+
+
+def bias_leaky_relu_backward(grad_output: torch.Tensor, output: torch.Tensor, negative_slope: float,
+                             channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_pre, grad_bias): the LeakyReLU gradient read from ``output`` and its sum over
+    every dim but ``channel_dim``. grad_output, output (*, C, *) -> ((*, C, *), (C,))."""
+    grad_pre = leaky_relu_backward_from_output(grad_output, output, negative_slope)
+    dims = [d for d in range(output.dim()) if d != channel_dim % output.dim()]
+    return grad_pre, grad_pre.sum(dim=dims) if dims else grad_pre.clone()
+
+
 def conv_transpose2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                                 stride=1, padding=0, output_padding=0, groups: int = 1, dilation=1,
                                 negative_slope: float = 0.01) -> torch.Tensor:

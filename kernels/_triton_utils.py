@@ -5,6 +5,7 @@ Triton's interpreter, the ahead-of-time compile specs, and dense-layout handling
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -81,6 +82,20 @@ def in_layout_of(tensor: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
     if tensor.stride() == layout.stride() and is_dense(tensor):
         return tensor
     return torch.empty_like(layout).copy_(tensor)
+
+
+def channel_layout(tensor: torch.Tensor, channel_dim: int) -> tuple[int, int, int] | None:
+    """(outer, channels, inner) of a tensor seen around its channel dim, element (o, c, i)
+    at o * channels * inner + c * inner + i: contiguous tensors, and channels_last 4-D
+    tensors with channel dim 1 (inner = 1). None for other layouts."""
+    channel_dim %= tensor.dim()
+    channels = tensor.shape[channel_dim]
+    if tensor.is_contiguous():
+        outer = math.prod(tensor.shape[:channel_dim])
+        return outer, channels, math.prod(tensor.shape[channel_dim + 1:])
+    if tensor.dim() == 4 and channel_dim == 1 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return tensor.shape[0] * tensor.shape[2] * tensor.shape[3], channels, 1
+    return None
 
 
 def flat_grid(numel: int):

@@ -1,7 +1,14 @@
-"""Triton kernels of the LeakyReLU epilogue.
+"""Triton kernels of the LeakyReLU epilogue (see imggen_fast/ops/leaky_relu.py).
 
-``leaky_relu_backward_from_output``: ``grad_input = grad_output * (output > 0 ? 1 : slope)``,
-the mask read from the activated output (valid for slope >= 0), one sweep."""
+* ``leaky_relu_backward_from_output``: ``grad_input = grad_output * (output > 0 ? 1 : slope)``,
+  the mask read from the activated output (valid for slope >= 0), one sweep.
+* ``bias_leaky_relu_``: ``output = leaky_relu(output + bias)`` in place.
+* ``bias_leaky_relu_backward``: the same mask, and the bias gradient summed from the
+  same sweep: per (channel, block) partial sums, then each channel's partials in a
+  fixed order (deterministic, no atomics).
+
+Tensors are seen as (outer, channels, inner) around the channel dim (contiguous or
+channels_last), element (o, c, i) at o * channels * inner + c * inner + i."""
 
 from __future__ import annotations
 
@@ -10,7 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._triton_utils import ELEMENTWISE_CONFIGS, AotKernel, autotune, dense, flat_grid, in_layout_of
+from ._triton_utils import (ELEMENTWISE_CONFIGS, AotKernel, autotune, channel_layout, dense, flat_grid,
+                            in_layout_of)
 
 
 @triton.jit
@@ -47,10 +55,111 @@ def leaky_relu_backward_from_output(grad_output: torch.Tensor, output: torch.Ten
     return grad_input
 
 
+@autotune(configs=ELEMENTWISE_CONFIGS, key=["numel"], restore_value=["output_ptr"])
+@triton.jit
+def bias_leaky_relu_kernel(output_ptr, bias_ptr, numel, channels, inner, negative_slope, HAS_BIAS: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offsets < numel
+    value = to_accumulator(tl.load(output_ptr + offsets, mask=in_bounds))
+    if HAS_BIAS:
+        channel = (offsets // inner) % channels
+        value += to_accumulator(tl.load(bias_ptr + channel, mask=in_bounds))
+    value = tl.where(value > 0, value, value * negative_slope)
+    tl.store(output_ptr + offsets, value.to(output_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton_op("imggen_fast_triton::bias_leaky_relu_", mutates_args=("output",))
+def bias_leaky_relu_(output: torch.Tensor, bias: torch.Tensor | None, negative_slope: float,
+                     channel_dim: int) -> None:
+    """output (*, C, *) contiguous or channels_last, bias (C,) or None: the epilogue in place."""
+    layout = channel_layout(output, channel_dim)
+    if layout is None:
+        raise ValueError("bias_leaky_relu_: output must be contiguous or channels_last")
+    _, channels, inner = layout
+    numel = output.numel()
+    if numel:
+        wrap_triton(bias_leaky_relu_kernel)[flat_grid(numel)](
+            output, output if bias is None else bias, numel, channels, inner, negative_slope,
+            HAS_BIAS=bias is not None)
+
+
+# One program per (block of a channel's elements, channel). The block size is fixed,
+# not autotuned: it decides how the bias gradient is split into partial sums, and so
+# its bits, which must not depend on a timing.
+REDUCTION_BLOCK = 1024
+
+
+@triton.jit
+def bias_leaky_relu_backward_kernel(grad_output_ptr, output_ptr, grad_input_ptr, partial_ptr, outer, channels,
+                                    inner, negative_slope, BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    channel = tl.program_id(1).to(tl.int64)
+    # Index j over the channel's outer * inner elements: (o, i) = divmod(j, inner).
+    j = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = j < outer * inner
+    offsets = (j // inner) * channels * inner + channel * inner + j % inner
+    grad = to_accumulator(tl.load(grad_output_ptr + offsets, mask=in_bounds, other=0))
+    output = to_accumulator(tl.load(output_ptr + offsets, mask=in_bounds, other=0))
+    grad_input = tl.where(output > 0, grad, grad * negative_slope)
+    tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(partial_ptr + channel * tl.num_programs(0) + block, tl.sum(grad_input, axis=0))
+
+
+@triton.jit
+def channel_sum_kernel(partial_ptr, result_ptr, blocks, BLOCK: tl.constexpr):
+    """result[c] = sum of partial[c, :blocks], BLOCK at a time, in a fixed order."""
+    channel = tl.program_id(0).to(tl.int64)
+    total = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
+    for start in range(0, blocks, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        total += tl.load(partial_ptr + channel * blocks + offsets, mask=offsets < blocks, other=0)
+    tl.store(result_ptr + channel, tl.sum(total, axis=0).to(result_ptr.dtype.element_ty))
+
+
+CHANNEL_SUM_BLOCK = 256
+
+
+@triton_op("imggen_fast_triton::bias_leaky_relu_backward", mutates_args=())
+def bias_leaky_relu_backward(grad_output: torch.Tensor, output: torch.Tensor, negative_slope: float,
+                             channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_output, output (*, C, *): (grad_input in output's layout, grad_bias (C,))."""
+    output = dense(output)
+    if channel_layout(output, channel_dim) is None:
+        output = output.contiguous()
+    grad_output = in_layout_of(grad_output, output)
+    outer, channels, inner = channel_layout(output, channel_dim)
+    grad_input = torch.empty_like(output)
+    accumulator = torch.float64 if output.dtype == torch.float64 else torch.float32
+    blocks = triton.cdiv(outer * inner, REDUCTION_BLOCK)
+    partials = torch.empty((channels, blocks), dtype=accumulator, device=output.device)
+    grad_bias = torch.empty(channels, dtype=output.dtype, device=output.device)
+    if output.numel() == 0:
+        return grad_input, grad_bias.zero_()
+    wrap_triton(bias_leaky_relu_backward_kernel)[(blocks, channels)](
+        grad_output, output, grad_input, partials, outer, channels, inner, negative_slope, BLOCK=REDUCTION_BLOCK)
+    wrap_triton(channel_sum_kernel)[(channels,)](partials, grad_bias, blocks, BLOCK=CHANNEL_SUM_BLOCK)
+    return grad_input, grad_bias
+
+
 AOT_KERNELS = [
     AotKernel(
         leaky_relu_backward_from_output_kernel,
         {"grad_output_ptr": "*{dtype}", "output_ptr": "*{dtype}", "grad_input_ptr": "*{dtype}",
          "numel": "i64", "negative_slope": "fp32"},
     ),
+    AotKernel(
+        bias_leaky_relu_kernel,
+        {"output_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "numel": "i64", "channels": "i64", "inner": "i64",
+         "negative_slope": "fp32"},
+        {"HAS_BIAS": True},
+    ),
+    AotKernel(
+        bias_leaky_relu_backward_kernel,
+        {"grad_output_ptr": "*{dtype}", "output_ptr": "*{dtype}", "grad_input_ptr": "*{dtype}",
+         "partial_ptr": "*fp32", "outer": "i64", "channels": "i64", "inner": "i64", "negative_slope": "fp32"},
+        {"BLOCK": REDUCTION_BLOCK},
+    ),
+    AotKernel(channel_sum_kernel, {"partial_ptr": "*fp32", "result_ptr": "*{dtype}", "blocks": "i64"},
+              {"BLOCK": CHANNEL_SUM_BLOCK}),
 ]

@@ -1,0 +1,164 @@
+"""Triton kernels of the fused layers (see imggen_fast/ops/layer_leaky_relu.py).
+
+``convolution_leaky_relu_kernel``: an implicit-GEMM convolution, plain or transposed,
+with bias + LeakyReLU fused into its store. The GEMM is M = N * H_out * W_out output
+pixels by N_gemm = C_out channels, over K = C_in * kH * kW taps; the input patch of a
+tap is gathered on the fly (no im2col buffer):
+
+* Conv2d: ``ih = oh * stride - padding + kh * dilation``, weight (C_out, C_in, kH, kW).
+* ConvTranspose2d: ``ih = (oh + padding - kh * dilation) / stride`` where that division
+  is exact, weight (C_in, C_out, kH, kW).
+
+Inputs and outputs are addressed through their strides, so NCHW and channels_last
+both work without a copy, and the output keeps the input's memory format.
+groups == 1 only (the ops layer sends other calls to the reference). fp32 products
+use IEEE precision (not TF32), so results match the eager reference.
+
+Linear is ``torch.matmul`` followed by the in-place epilogue kernel of
+kernels/leaky_relu.py."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._triton_utils import AotKernel, autotune
+from .leaky_relu import bias_leaky_relu_
+
+CONVOLUTION_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+]
+
+
+@autotune(configs=CONVOLUTION_CONFIGS, key=["batch", "in_channels", "out_channels", "out_height", "out_width",
+                                            "kernel_height", "kernel_width", "TRANSPOSED"])
+@triton.jit
+def convolution_leaky_relu_kernel(
+        input_ptr, weight_ptr, bias_ptr, output_ptr,
+        batch, in_channels, in_height, in_width, out_channels, out_height, out_width,
+        kernel_height, kernel_width, stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w,
+        input_stride_n, input_stride_c, input_stride_h, input_stride_w,
+        weight_stride_in, weight_stride_out, weight_stride_h, weight_stride_w,
+        output_stride_n, output_stride_c, output_stride_h, output_stride_w,
+        negative_slope,
+        HAS_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Rows: output pixels (n, oh, ow); columns: output channels.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    columns = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < batch * out_height * out_width
+    column_valid = columns < out_channels
+    n = rows // (out_height * out_width)
+    oh = (rows // out_width) % out_height
+    ow = rows % out_width
+    taps = kernel_height * kernel_width
+    accumulator = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, in_channels * taps, BLOCK_K):
+        k = k_start + tl.arange(0, BLOCK_K)
+        k_valid = k < in_channels * taps
+        ci = k // taps
+        kh = (k // kernel_width) % kernel_height
+        kw = k % kernel_width
+        if TRANSPOSED:
+            numerator_h = oh[:, None] + padding_h - kh[None, :] * dilation_h
+            numerator_w = ow[:, None] + padding_w - kw[None, :] * dilation_w
+            ih = numerator_h // stride_h
+            iw = numerator_w // stride_w
+            tap_valid = ((numerator_h >= 0) & (numerator_w >= 0) & (numerator_h % stride_h == 0)
+                         & (numerator_w % stride_w == 0) & (ih < in_height) & (iw < in_width))
+        else:
+            ih = oh[:, None] * stride_h - padding_h + kh[None, :] * dilation_h
+            iw = ow[:, None] * stride_w - padding_w + kw[None, :] * dilation_w
+            tap_valid = (ih >= 0) & (iw >= 0) & (ih < in_height) & (iw < in_width)
+        patch_mask = row_valid[:, None] & k_valid[None, :] & tap_valid
+        patch = tl.load(input_ptr + n[:, None] * input_stride_n + ci[None, :] * input_stride_c
+                        + ih * input_stride_h + iw * input_stride_w, mask=patch_mask, other=0.0)
+        if TRANSPOSED:
+            weight_offsets = ci[:, None] * weight_stride_in + columns[None, :] * weight_stride_out
+        else:
+            weight_offsets = columns[None, :] * weight_stride_in + ci[:, None] * weight_stride_out
+        weights = tl.load(weight_ptr + weight_offsets + kh[:, None] * weight_stride_h + kw[:, None] * weight_stride_w,
+                          mask=k_valid[:, None] & column_valid[None, :], other=0.0)
+        accumulator = tl.dot(patch, weights, accumulator, input_precision="ieee")
+    if HAS_BIAS:
+        accumulator += tl.load(bias_ptr + columns, mask=column_valid, other=0.0).to(tl.float32)[None, :]
+    accumulator = tl.where(accumulator > 0, accumulator, accumulator * negative_slope)
+    output_offsets = (n[:, None] * output_stride_n + columns[None, :] * output_stride_c
+                      + oh[:, None] * output_stride_h + ow[:, None] * output_stride_w)
+    tl.store(output_ptr + output_offsets, accumulator.to(output_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & column_valid[None, :])
+
+
+def _convolution(input, weight, bias, stride, padding, dilation, output_padding, negative_slope, transposed):
+    batch, in_channels, in_height, in_width = input.shape
+    out_channels = weight.shape[1] if transposed else weight.shape[0]
+    kernel_height, kernel_width = weight.shape[2], weight.shape[3]
+    if transposed:
+        out_height = ((in_height - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kernel_height - 1)
+                      + output_padding[0] + 1)
+        out_width = ((in_width - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kernel_width - 1)
+                     + output_padding[1] + 1)
+    else:
+        out_height = (in_height + 2 * padding[0] - dilation[0] * (kernel_height - 1) - 1) // stride[0] + 1
+        out_width = (in_width + 2 * padding[1] - dilation[1] * (kernel_width - 1) - 1) // stride[1] + 1
+    # ATen's rule: channels_last out when the input or the weight is channels_last.
+    channels_last = any(not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+                        for tensor in (input, weight))
+    output = torch.empty((batch, out_channels, out_height, out_width), dtype=input.dtype, device=input.device,
+                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if output.numel() == 0:
+        return output
+    grid = lambda meta: (triton.cdiv(batch * out_height * out_width, meta["BLOCK_M"]),  # noqa: E731
+                         triton.cdiv(out_channels, meta["BLOCK_N"]))
+    wrap_triton(convolution_leaky_relu_kernel)[grid](
+        input, weight, output if bias is None else bias, output,
+        batch, in_channels, in_height, in_width, out_channels, out_height, out_width,
+        kernel_height, kernel_width, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *input.stride(), *weight.stride(), *output.stride(),
+        negative_slope, HAS_BIAS=bias is not None, TRANSPOSED=transposed)
+    return output
+
+
+@triton_op("imggen_fast_triton::conv_transpose2d_leaky_relu", mutates_args=())
+def conv_transpose2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                stride: list[int], padding: list[int], output_padding: list[int], groups: int,
+                                dilation: list[int], negative_slope: float) -> torch.Tensor:
+    """input (N, C_in, H, W), weight (C_in, C_out, kH, kW), groups == 1 -> (N, C_out, H_out, W_out)."""
+    return _convolution(input, weight, bias, stride, padding, dilation, output_padding, negative_slope, True)
+
+
+@triton_op("imggen_fast_triton::conv2d_leaky_relu", mutates_args=())
+def conv2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, negative_slope: float) -> torch.Tensor:
+    """input (N, C_in, H, W), weight (C_out, C_in, kH, kW), groups == 1 -> (N, C_out, H_out, W_out)."""
+    return _convolution(input, weight, bias, stride, padding, dilation, [0, 0], negative_slope, False)
+
+
+@triton_op("imggen_fast_triton::linear_leaky_relu", mutates_args=())
+def linear_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      negative_slope: float) -> torch.Tensor:
+    """input (*, in), weight (out, in) -> (*, out): the matmul, then the epilogue in place."""
+    output = torch.matmul(input, weight.t())
+    bias_leaky_relu_(output, bias, negative_slope, -1)
+    return output
+
+
+_CONVOLUTION_SIGNATURE = {
+    "input_ptr": "*{dtype}", "weight_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "output_ptr": "*{dtype}",
+    **{name: "i64" for name in (
+        "batch", "in_channels", "in_height", "in_width", "out_channels", "out_height", "out_width",
+        "kernel_height", "kernel_width", "stride_h", "stride_w", "padding_h", "padding_w", "dilation_h", "dilation_w",
+        "input_stride_n", "input_stride_c", "input_stride_h", "input_stride_w",
+        "weight_stride_in", "weight_stride_out", "weight_stride_h", "weight_stride_w",
+        "output_stride_n", "output_stride_c", "output_stride_h", "output_stride_w")},
+    "negative_slope": "fp32",
+}
+
+AOT_KERNELS = [
+    AotKernel(convolution_leaky_relu_kernel, _CONVOLUTION_SIGNATURE, {"HAS_BIAS": True, "TRANSPOSED": transposed})
+    for transposed in (False, True)
+]
