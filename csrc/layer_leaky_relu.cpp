@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace imggen_fast {
 namespace {
@@ -56,12 +57,12 @@ std::optional<c10::OperatorHandle> onednn_op(const char* name, const char* expec
   return handle;
 }
 
-// True where oneDNN's fused convolution applies: CPU, fp32 or bf16, 4-D, oneDNN enabled.
+// True where oneDNN's fused convolution applies: CPU, fp32, 4-D, oneDNN enabled. (Its
+// bf16 path needs AVX-512 or AVX-NE-CONVERT, and raises without them; ATen's
+// convolution picks a bf16 path that works on any CPU, so bf16 goes there.)
 bool onednn_fusion_applies(const at::Tensor& input, const at::Tensor& weight) {
-  return input.device().is_cpu() && input.dim() == 4 && weight.dim() == 4 &&
-         (input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16) &&
-         input.scalar_type() == weight.scalar_type() && at::globalContext().userEnabledMkldnn() &&
-         at::hasMKLDNN();
+  return input.device().is_cpu() && input.dim() == 4 && weight.dim() == 4 && input.scalar_type() == at::kFloat &&
+         weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && at::hasMKLDNN();
 }
 
 at::Tensor call_onednn(const c10::OperatorHandle& op, torch::jit::Stack stack, double negative_slope) {
@@ -119,11 +120,17 @@ at::Tensor conv2d_leaky_relu(const at::Tensor& input, const at::Tensor& weight, 
                                    no_output_padding, groups, negative_slope);
 }
 
-// input (*, in) @ weight(out, in)^T, then bias + LeakyReLU in place along the last dim.
+// input (*, in) @ weight(out, in)^T + bias as eager's F.linear computes it (addmm: the
+// bias inside the GEMM, one rounding, so bf16 results match eager's bit for bit), then
+// LeakyReLU in place along the last dim.
 at::Tensor linear_leaky_relu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              double negative_slope) {
-  at::Tensor output = at::matmul(input, weight.t());
-  return apply_bias_leaky_relu(output, bias, negative_slope, -1);
+  const at::Tensor rows = input.reshape({-1, input.size(-1)});
+  at::Tensor output = bias.has_value() && bias->defined() ? at::addmm(*bias, rows, weight.t()) : at::mm(rows, weight.t());
+  std::vector<int64_t> output_shape = input.sizes().vec();
+  output_shape.back() = weight.size(0);
+  output = output.view(output_shape);
+  return apply_bias_leaky_relu(output, std::nullopt, negative_slope, -1);
 }
 
 }  // namespace

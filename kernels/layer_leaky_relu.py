@@ -14,7 +14,7 @@ both work without a copy, and the output keeps the input's memory format.
 groups == 1 only (the ops layer sends other calls to the reference). fp32 products
 use IEEE precision (not TF32), so results match the eager reference.
 
-Linear is ``torch.matmul`` followed by the in-place epilogue kernel of
+Linear is ``torch.addmm`` followed by the in-place epilogue kernel of
 kernels/leaky_relu.py."""
 
 from __future__ import annotations
@@ -141,9 +141,12 @@ def conv2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 @triton_op("imggen_fast_triton::linear_leaky_relu", mutates_args=())
 def linear_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       negative_slope: float) -> torch.Tensor:
-    """input (*, in), weight (out, in) -> (*, out): the matmul, then the epilogue in place."""
-    output = torch.matmul(input, weight.t())
-    bias_leaky_relu_(output, bias, negative_slope, -1)
+    """input (*, in), weight (out, in) -> (*, out): the GEMM with the bias (as F.linear), then
+    LeakyReLU in place."""
+    rows = input.reshape(-1, input.shape[-1])
+    output = torch.addmm(bias, rows, weight.t()) if bias is not None else torch.mm(rows, weight.t())
+    output = output.view(*input.shape[:-1], weight.shape[0])
+    bias_leaky_relu_(output, None, negative_slope, -1)
     return output
 
 

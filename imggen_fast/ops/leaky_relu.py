@@ -74,7 +74,7 @@ def _bias_backward_fake(grad_output, output, negative_slope, channel_dim):
     return torch.empty_like(output), output.new_empty(output.shape[channel_dim])
 
 
-def _bias_backward_setup_context(ctx, inputs, outputs) -> None:
+def _bias_backward_setup_context(ctx, inputs, output) -> None:
     _, saved_output, negative_slope, channel_dim = inputs
     ctx.save_for_backward(saved_output)
     ctx.negative_slope = negative_slope
