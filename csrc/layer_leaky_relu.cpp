@@ -8,12 +8,18 @@
 // LeakyReLU as a post-op of the convolution itself, that is used instead: no pass
 // over the output after the GEMM at all.
 //
-// Registered for CompositeExplicitAutograd (every device); autograd is attached from
-// Python (imggen_fast/ops/layer_leaky_relu.py).
+// Forward registered for CompositeExplicitAutograd (every device). Autograd (the
+// Autograd key, below) saves input, weight and the activated output, never the
+// pre-activation; its backward turns grad_output into the pre-activation gradient and
+// the bias gradient in one sweep (imggen_fast::bias_leaky_relu_backward), then takes
+// the input and weight gradients from ATen. Every call in it goes through the
+// dispatcher with autograd, so double backward (R1 / gradient penalties) works.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
+
+#include "autograd_utils.h"
 
 #include <cstdlib>
 #include <optional>
@@ -133,12 +139,159 @@ at::Tensor linear_leaky_relu(const at::Tensor& input, const at::Tensor& weight, 
   return apply_bias_leaky_relu(output, std::nullopt, negative_slope, -1);
 }
 
+using ConvTransposeSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                          at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef,
+                                          double);
+using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, double);
+using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double);
+
+// (grad_pre, grad_bias) from grad_output and the saved activated output, through the
+// dispatcher with autograd (so the backward is differentiable).
+std::tuple<at::Tensor, at::Tensor> pre_activation_grads(const at::Tensor& grad_output, const at::Tensor& output,
+                                                        double negative_slope, int64_t channel_dim,
+                                                        bool bias_needed) {
+  if (bias_needed) {
+    static const auto op =
+        imggen_fast_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, int64_t)>(
+            "bias_leaky_relu_backward");
+    return op.call(grad_output, output, negative_slope, channel_dim);
+  }
+  static const auto op =
+      imggen_fast_op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("leaky_relu_backward_from_output");
+  return {op.call(grad_output, output, negative_slope), at::Tensor()};
+}
+
+// An absent (None) bias is not an autograd input at all, so its index exists only when given.
+bool bias_needed(AutogradContext* ctx) {
+  return ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+}
+
+class ConvolutionLeakyReLUFunction : public torch::autograd::Function<ConvolutionLeakyReLUFunction> {
+ public:
+  // Arguments in conv_transpose2d's order; conv2d passes output_padding = 0.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
+                            double negative_slope, bool transposed) {
+    at::Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      if (transposed) {
+        static const auto op = imggen_fast_op<ConvTransposeSignature>("conv_transpose2d_leaky_relu");
+        output = op.call(input, weight, bias, stride, padding, output_padding, groups, dilation, negative_slope);
+      } else {
+        static const auto op = imggen_fast_op<ConvSignature>("conv2d_leaky_relu");
+        output = op.call(input, weight, bias, stride, padding, dilation, groups, negative_slope);
+      }
+    }
+    ctx->save_for_backward({input, weight, output});
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["output_padding"] = output_padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["transposed"] = transposed;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& input = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& output = saved[2];
+    const bool needs_input = ctx->needs_input_grad(0);
+    const bool needs_weight = ctx->needs_input_grad(1);
+    auto [grad_pre, grad_bias] = pre_activation_grads(grads[0], output, ctx->saved_data["negative_slope"].toDouble(),
+                                                      1, bias_needed(ctx));
+    at::Tensor grad_input;
+    at::Tensor grad_weight;
+    if (needs_input || needs_weight) {
+      std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
+          grad_pre, input, weight, std::nullopt, ctx->saved_data["stride"].toIntVector(),
+          ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
+          ctx->saved_data["transposed"].toBool(), ctx->saved_data["output_padding"].toIntVector(),
+          ctx->saved_data["groups"].toInt(), {needs_input, needs_weight, false});
+    }
+    variable_list result(10);
+    result[0] = grad_input;
+    result[1] = grad_weight;
+    result[2] = grad_bias;
+    return result;
+  }
+};
+
+class LinearLeakyReLUFunction : public torch::autograd::Function<LinearLeakyReLUFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, double negative_slope) {
+    at::Tensor output;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      static const auto op = imggen_fast_op<LinearSignature>("linear_leaky_relu");
+      output = op.call(input, weight, bias, negative_slope);
+    }
+    ctx->save_for_backward({input, weight, output});
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return output;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& input = saved[0];
+    const at::Tensor& weight = saved[1];
+    const at::Tensor& output = saved[2];
+    auto [grad_pre, grad_bias] = pre_activation_grads(grads[0], output, ctx->saved_data["negative_slope"].toDouble(),
+                                                      -1, bias_needed(ctx));
+    at::Tensor grad_input;
+    at::Tensor grad_weight;
+    if (ctx->needs_input_grad(0)) {
+      grad_input = at::matmul(grad_pre, weight);
+    }
+    if (ctx->needs_input_grad(1)) {
+      grad_weight = grad_pre.reshape({-1, weight.size(0)}).t().mm(input.reshape({-1, weight.size(1)}));
+    }
+    return {grad_input, grad_weight, grad_bias, at::Tensor()};
+  }
+};
+
+at::Tensor conv_transpose2d_leaky_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                                at::IntArrayRef padding, at::IntArrayRef output_padding,
+                                                int64_t groups, at::IntArrayRef dilation, double negative_slope) {
+  return ConvolutionLeakyReLUFunction::apply(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                                             negative_slope, true);
+}
+
+at::Tensor conv2d_leaky_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                      double negative_slope) {
+  const std::vector<int64_t> no_output_padding(stride.size(), 0);
+  return ConvolutionLeakyReLUFunction::apply(input, weight, bias, stride, padding, no_output_padding, groups,
+                                             dilation, negative_slope, false);
+}
+
+at::Tensor linear_leaky_relu_autograd(const at::Tensor& input, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, double negative_slope) {
+  return LinearLeakyReLUFunction::apply(input, weight, bias, negative_slope);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imggen_fast, CompositeExplicitAutograd, m) {
   m.impl("conv_transpose2d_leaky_relu", &conv_transpose2d_leaky_relu);
   m.impl("conv2d_leaky_relu", &conv2d_leaky_relu);
   m.impl("linear_leaky_relu", &linear_leaky_relu);
+}
+
+TORCH_LIBRARY_IMPL(imggen_fast, Autograd, m) {
+  m.impl("conv_transpose2d_leaky_relu", &conv_transpose2d_leaky_relu_autograd);
+  m.impl("conv2d_leaky_relu", &conv2d_leaky_relu_autograd);
+  m.impl("linear_leaky_relu", &linear_leaky_relu_autograd);
 }
 
 }  // namespace imggen_fast

@@ -338,8 +338,8 @@ def load(verbose: bool = False) -> BuildStatus:
                 "reference implementation (same results, slower).\n"
                 f"Compiler: {compiler()} ({compiler_identity()}); cache: {directory}\n"
                 f"Last lines of the build log:\n{status.error}\n"
-                "To fix: install a C++17 compiler (g++ 9 or newer) and ninja, or point CXX at one, then run "
-                "`imggen-fast build` to see the whole log.",
+                "To fix: if no working compiler is installed, install a C++20 compiler (g++ 10 or newer) and "
+                "ninja, or point CXX at one; then run `imggen-fast build --verbose` to see the whole log.",
                 BuildWarning,
                 stacklevel=3,
             )

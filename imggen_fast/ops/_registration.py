@@ -1,8 +1,9 @@
 """Attaching fake implementations and autograd to an op's custom ops.
 
-The same fake and autograd functions serve the C++ op (``torch.ops.imggen_fast.*``,
-which exists once the library is loaded) and the Triton op
-(``torch.ops.imggen_fast_triton.*``, which exists once its module is imported)."""
+The C++ ops (``torch.ops.imggen_fast.*``, which exist once the library is loaded) get
+their fake implementation here and carry their autograd in C++. The Triton ops
+(``torch.ops.imggen_fast_triton.*``, which exist once their module is imported) get the
+same fake implementation and their autograd from the Python twin of the C++ formula."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ def register(op: str, fake: Callable, backward: Callable | None = None,
         torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-def cpp_op(name: str, fake: Callable, backward: Callable | None = None,
-           setup_context: Callable | None = None) -> Callable[[], Callable]:
-    """A loader for ``torch.ops.imggen_fast.<name>``: registers its fake and autograd as soon
-    as the C++ library loads (whoever loads it first), and returns the op."""
-    _build.on_load(lambda: register(f"imggen_fast::{name}", fake, backward, setup_context))
+def cpp_op(name: str, fake: Callable) -> Callable[[], Callable]:
+    """A loader for ``torch.ops.imggen_fast.<name>``: registers its fake implementation as
+    soon as the C++ library loads (whoever loads it first), and returns the op. Its
+    autograd is registered in C++ (see csrc/autograd_utils.h for why)."""
+    _build.on_load(lambda: register(f"imggen_fast::{name}", fake))
 
     def load() -> Callable:
         return getattr(torch.ops.imggen_fast, name).default

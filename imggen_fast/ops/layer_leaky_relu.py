@@ -90,7 +90,7 @@ def _linear_fake(input, weight, bias, negative_slope):
 
 
 def _implementations(name: str, reference_function, fake, backward, setup_context) -> backends.Implementations:
-    cpp = cpp_op(name, fake, backward, setup_context)
+    cpp = cpp_op(name, fake)
     return backends.Implementations(name, reference=reference_function, cpp=cpp, cuda=cpp,
                                     triton=triton_op("layer_leaky_relu", name, fake, backward, setup_context))
 

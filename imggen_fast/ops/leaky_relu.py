@@ -39,7 +39,7 @@ def _backward(ctx, grad_grad_input: torch.Tensor):
 
 
 def _implementations(name: str, reference_function, fake, backward=None, setup_context=None):
-    cpp = cpp_op(name, fake, backward, setup_context)
+    cpp = cpp_op(name, fake)
     return backends.Implementations(name, reference=reference_function, cpp=cpp, cuda=cpp,
                                     triton=triton_op("leaky_relu", name, fake, backward, setup_context))
 
