@@ -12,6 +12,8 @@ import pytest
 import torch
 from helpers import REPOSITORY
 
+from imggen_fast import _build
+
 CUDA_SOURCES = sorted((REPOSITORY / "csrc" / "cuda").glob("*.cu"))
 ARCHITECTURES = (80, 90)
 
@@ -72,7 +74,7 @@ def kernel_name(mangled: str) -> str:
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda path: path.name)
 def test_compiles_for_sm80_sm90_without_spills(source, generated_include, tmp_path, record_gpu_usage):
     torch_include = Path(torch.__file__).parent / "include"
-    command = [NVCC, "-c", "-std=c++20", "-O3", "--threads", "2", "-Xptxas", "-v",
+    command = [NVCC, "-c", "-std=c++20", *_build.cuda_flags(), "--threads", "2", "-Xptxas", "-v",
                "-I", str(generated_include), "-I", str(torch_include), "-I", str(REPOSITORY / "csrc")]
     for architecture in ARCHITECTURES:
         command += ["-gencode", f"arch=compute_{architecture},code=sm_{architecture}"]

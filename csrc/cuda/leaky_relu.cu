@@ -1,9 +1,18 @@
-// CUDA kernels of the LeakyReLU epilogue, on the current stream. The element math
-// is csrc/leaky_relu.h, shared with the CPU kernel.
+// CUDA kernels of the LeakyReLU epilogue, on the current stream, run after cuDNN's or
+// cuBLAS's layer (through ATen): the forward bias + LeakyReLU in place, the backward
+// mask, and the backward mask with a deterministic bias-gradient reduction (per-chunk
+// partials, then each channel's partials in a fixed order; no atomics). The element
+// math is csrc/leaky_relu.h, shared with the CPU kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/WrapDimMinimal.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
 
 #include "../leaky_relu.h"
 #include "cuda_utils.h"
@@ -50,10 +59,152 @@ at::Tensor leaky_relu_backward_from_output(const at::Tensor& grad_output, const 
   return grad_input;
 }
 
+
+template <typename scalar_t>
+__global__ void bias_leaky_relu_kernel(scalar_t* __restrict__ output, const scalar_t* __restrict__ bias,
+                                       int64_t numel, int64_t channels, int64_t inner,
+                                       at::opmath_type<scalar_t> negative_slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    acc_t value = static_cast<acc_t>(output[i]);
+    if (bias != nullptr) {
+      value += static_cast<acc_t>(bias[(i / inner) % channels]);
+    }
+    output[i] = static_cast<scalar_t>(math::leaky_relu_forward<acc_t>(value, negative_slope));
+  }
+}
+
+void bias_leaky_relu_(const at::Tensor& output, const std::optional<at::Tensor>& bias, double negative_slope,
+                      int64_t channel_dim) {
+  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
+  const auto layout = channel_layout(output, channel_dim);
+  TORCH_CHECK(layout.has_value(), "bias_leaky_relu_: output must be contiguous or channels_last");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == layout->channels && bias->is_contiguous() &&
+                    bias->scalar_type() == output.scalar_type(),
+                "bias_leaky_relu_: bias must be a contiguous (", layout->channels, ") tensor of output's dtype");
+  }
+  const int64_t numel = output.numel();
+  if (numel == 0) {
+    return;
+  }
+  const c10::cuda::CUDAGuard device_guard(output.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "bias_leaky_relu_", [&] {
+    bias_leaky_relu_kernel<scalar_t><<<elementwise_blocks(numel), kThreadsPerBlock, 0, stream>>>(
+        output.mutable_data_ptr<scalar_t>(), has_bias ? bias->const_data_ptr<scalar_t>() : nullptr, numel,
+        layout->channels, layout->inner, static_cast<at::opmath_type<scalar_t>>(negative_slope));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// Elements of one channel per block of the bias-gradient reduction: fixed, so the
+// partial sums, and the result's bits, depend on the shape alone.
+constexpr int64_t kReductionChunk = 4096;
+
+// Sums `value` over the block in a fixed tree order; thread 0 gets the total.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value, acc_t* shared) {
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (unsigned int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) {
+      shared[threadIdx.x] += shared[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// Grid (chunks, channels): masks one chunk of a channel's outer * inner elements and
+// writes the chunk's sum to partials[channel, chunk].
+template <typename scalar_t>
+__global__ void bias_leaky_relu_backward_kernel(const scalar_t* __restrict__ grad_output,
+                                                const scalar_t* __restrict__ output,
+                                                scalar_t* __restrict__ grad_input,
+                                                at::opmath_type<scalar_t>* __restrict__ partials, int64_t outer,
+                                                int64_t channels, int64_t inner,
+                                                at::opmath_type<scalar_t> negative_slope) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t shared[kThreadsPerBlock];
+  const int64_t channel = blockIdx.y;
+  const int64_t chunk_start = static_cast<int64_t>(blockIdx.x) * kReductionChunk;
+  const int64_t count = outer * inner;
+  const int64_t chunk_end = chunk_start + kReductionChunk < count ? chunk_start + kReductionChunk : count;
+  acc_t sum = 0;
+  for (int64_t j = chunk_start + threadIdx.x; j < chunk_end; j += blockDim.x) {
+    const int64_t index = (j / inner) * channels * inner + channel * inner + j % inner;
+    const acc_t value = math::leaky_relu_backward_from_output<acc_t>(
+        static_cast<acc_t>(grad_output[index]), static_cast<acc_t>(output[index]), negative_slope);
+    grad_input[index] = static_cast<scalar_t>(value);
+    sum += value;
+  }
+  const acc_t total = block_sum(sum, shared);
+  if (threadIdx.x == 0) {
+    partials[channel * gridDim.x + blockIdx.x] = total;
+  }
+}
+
+// One block per channel: grad_bias[channel] = sum of its partials, in a fixed order.
+template <typename scalar_t>
+__global__ void channel_sum_kernel(const at::opmath_type<scalar_t>* __restrict__ partials,
+                                   scalar_t* __restrict__ grad_bias, int64_t chunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t shared[kThreadsPerBlock];
+  const int64_t channel = blockIdx.x;
+  acc_t sum = 0;
+  for (int64_t k = threadIdx.x; k < chunks; k += blockDim.x) {
+    sum += partials[channel * chunks + k];
+  }
+  const acc_t total = block_sum(sum, shared);
+  if (threadIdx.x == 0) {
+    grad_bias[channel] = static_cast<scalar_t>(total);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& grad_output,
+                                                            const at::Tensor& output, double negative_slope,
+                                                            int64_t channel_dim) {
+  check_same_shape_and_dtype("bias_leaky_relu_backward", grad_output, "grad_output", output, "output");
+  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
+  const c10::cuda::CUDAGuard device_guard(output.device());
+  const at::Tensor output_dense = with_channel_layout(dense(output), channel_dim);
+  const at::Tensor grad_dense = in_layout_of(grad_output, output_dense);
+  const auto [outer, channels, inner] = *channel_layout(output_dense, channel_dim);
+  at::Tensor grad_input = at::empty_like(output_dense);
+  at::Tensor grad_bias = at::empty({channels}, output.options());
+  if (output.numel() == 0) {
+    return {grad_input, grad_bias.zero_()};
+  }
+  const int64_t chunks = (outer * inner + kReductionChunk - 1) / kReductionChunk;
+  TORCH_CHECK(chunks < (int64_t{1} << 31) && channels < 65536,
+              "bias_leaky_relu_backward: tensor too large for the CUDA grid (", channels, " channels)");
+  const auto acc_dtype = output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partials = at::empty({channels, chunks}, output.options().dtype(acc_dtype));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "bias_leaky_relu_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const dim3 grid(static_cast<unsigned int>(chunks), static_cast<unsigned int>(channels));
+    bias_leaky_relu_backward_kernel<scalar_t><<<grid, kThreadsPerBlock, 0, stream>>>(
+        grad_dense.const_data_ptr<scalar_t>(), output_dense.const_data_ptr<scalar_t>(),
+        grad_input.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>(), outer, channels, inner,
+        static_cast<acc_t>(negative_slope));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    channel_sum_kernel<scalar_t><<<static_cast<unsigned int>(channels), kThreadsPerBlock, 0, stream>>>(
+        partials.const_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<scalar_t>(), chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_input, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imggen_fast, CUDA, m) {
   m.impl("leaky_relu_backward_from_output", &leaky_relu_backward_from_output);
+  m.impl("bias_leaky_relu_", &bias_leaky_relu_);
+  m.impl("bias_leaky_relu_backward", &bias_leaky_relu_backward);
 }
 
 }  // namespace imggen_fast::cuda
