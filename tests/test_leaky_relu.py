@@ -1,6 +1,8 @@
 """The LeakyReLU epilogue op ``leaky_relu_backward_from_output`` on every backend
 against the eager reference."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,105 @@ def test_bad_input_names_the_argument(make_arguments, error, message):
     grad_output, output = make_pair((3, 4), torch.float32, 0.2)
     with pytest.raises(error, match=message):
         functional.leaky_relu_backward_from_output(*make_arguments(grad_output, output))
+
+
+# (shape, channel_dim): NCHW planes, a Linear's rows, odd sizes, planes larger than one
+# reduction block (16384 elements), rows wider than a vector.
+BIAS_CASES = [((2, 5, 3, 7), 1), ((64, 33), -1), ((3, 4, 7), 1), ((1, 3, 130, 130), 1), ((300, 1000), 1),
+              ((2, 0, 3, 3), 1), ((0, 4), -1)]
+
+
+def make_bias_case(shape, channel_dim, dtype, slope, seed=0):
+    grad_output, output = make_pair(shape, dtype, slope, seed)
+    bias = torch.randn(shape[channel_dim], generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return grad_output, output, bias
+
+
+# Triton runs in the interpreter here: only the small shapes (the same code paths).
+BIAS_BACKWARD_CASES = [(backend, dtype, shape, channel_dim) for backend, dtype in BACKEND_DTYPES
+                       for shape, channel_dim in BIAS_CASES if backend == "cpp" or math.prod(shape) < 50_000]
+
+
+@pytest.mark.parametrize("backend,dtype,shape,channel_dim", BIAS_BACKWARD_CASES, ids=str)
+def test_bias_backward_matches_reference(backend, dtype, shape, channel_dim):
+    grad_output, output, _ = make_bias_case(shape, channel_dim, dtype, 0.2)
+    with imggen_fast.set_backend(backend):
+        grad_input, grad_bias = leaky_relu_ops.bias_leaky_relu_backward(grad_output, output, 0.2, channel_dim)
+    expected_input, expected_bias = reference.bias_leaky_relu_backward(grad_output.double(), output.double(), 0.2,
+                                                                       channel_dim)
+    assert_close(grad_input, expected_input.to(dtype), dtype)
+    assert grad_bias.dtype == dtype and grad_bias.shape == (shape[channel_dim],)
+    assert_close(grad_bias, expected_bias.to(dtype), dtype, scale=max(1.0, math.prod(shape) / 1000))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bias_forward_in_place_matches_reference(backend, layout):
+    _, output, bias = make_bias_case((2, 6, 5, 3), 1, torch.float32, 0.2)
+    pre = output.clone()
+    if layout == "channels_last":
+        pre = channels_last(pre)
+    expected = pre.clone()
+    reference.bias_leaky_relu_(expected, bias, 0.2, 1)
+    actual = pre.clone(memory_format=torch.preserve_format)
+    with imggen_fast.set_backend(backend):
+        returned = leaky_relu_ops.bias_leaky_relu_(actual, bias, 0.2, 1)
+        leaky_relu_ops.bias_leaky_relu_(without_bias := pre.clone(memory_format=torch.preserve_format), None, 0.2, 1)
+    assert returned is actual and actual.stride() == pre.stride()
+    assert_close(actual, expected)
+    assert_close(without_bias, F.leaky_relu(pre, 0.2))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_bias_backward_channels_last(backend):
+    grad_output, output, _ = make_bias_case((2, 6, 5, 3), 1, torch.float32, 0.2)
+    output = channels_last(output)
+    with imggen_fast.set_backend(backend):
+        grad_input, grad_bias = leaky_relu_ops.bias_leaky_relu_backward(grad_output, output, 0.2, 1)
+    expected_input, expected_bias = reference.bias_leaky_relu_backward(grad_output, output, 0.2, 1)
+    assert grad_input.is_contiguous(memory_format=torch.channels_last)
+    assert_close(grad_input, expected_input)
+    assert_close(grad_bias, expected_bias, scale=10)
+
+
+@pytest.mark.parametrize("shape,channel_dim", [((8, 16, 40, 40), 1), ((5000, 48), 1)], ids=str)
+def test_bias_gradient_bits_do_not_depend_on_threads(shape, channel_dim):
+    grad_output, output, _ = make_bias_case(shape, channel_dim, torch.float32, 0.2)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, threads):
+            torch.set_num_threads(count)
+            results.append(leaky_relu_ops.bias_leaky_relu_backward(grad_output, output, 0.2, channel_dim))
+    finally:
+        torch.set_num_threads(threads)
+    for grad_input, grad_bias in results[1:]:
+        assert torch.equal(grad_input, results[0][0]) and torch.equal(grad_bias, results[0][1])
+
+
+def test_bias_backward_gradcheck_and_double_backward():
+    grad_output, output, _ = make_bias_case((3, 4, 2, 3), 1, torch.float64, 0.2)
+    grad_output.requires_grad_(True)
+
+    def both(grad):
+        grad_input, grad_bias = leaky_relu_ops.bias_leaky_relu_backward(grad, output, 0.2, 1)
+        return grad_input, grad_bias
+
+    for backend in ("cpp", "triton"):
+        with imggen_fast.set_backend(backend):
+            assert torch.autograd.gradcheck(both, (grad_output,))
+            assert torch.autograd.gradgradcheck(both, (grad_output,))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_bias_ops_opcheck(backend):
+    grad_output, output, bias = make_bias_case((2, 3, 4, 5), 1, torch.float32, 0.2)
+    with imggen_fast.set_backend(backend):
+        backward = leaky_relu_ops.BIAS_BACKWARD.select(output.device)
+        forward = leaky_relu_ops.BIAS_FORWARD.select(output.device)
+    utils = opcheck_utils(backend, output.device)
+    for sample in [(grad_output, output, 0.2, 1), (grad_output.requires_grad_(), channels_last(output), 0.0, 1),
+                   (grad_output.reshape(-1, 5), output.reshape(-1, 5), 0.01, -1)]:
+        torch.library.opcheck(backward, sample, test_utils=utils)
+    for sample in [(output.clone(), bias, 0.2, 1), (output.clone(), None, 0.0, 1)]:
+        torch.library.opcheck(forward, sample, test_utils=utils)

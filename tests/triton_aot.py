@@ -44,7 +44,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 def main(module_name: str) -> None:
     module = importlib.import_module(f"imggen_fast.kernels.{module_name}")
     for spec in module.AOT_KERNELS:
-        function = getattr(spec.kernel, "fn", spec.kernel)
+        # An autotuned kernel wraps its JITFunction in .fn (a JITFunction's own .fn is the
+        # plain Python function).
+        function = spec.kernel.fn if isinstance(spec.kernel, triton.runtime.Autotuner) else spec.kernel
         for dtype, signature, constexprs, options in spec.variants():
             for capability in TARGETS:
                 row = {"module": module_name, "kernel": spec.name, "dtype": dtype, "target": f"sm_{capability}",

@@ -165,7 +165,11 @@ def backward_only(outputs_fn: Callable[[], torch.Tensor | tuple],
                   grads: Callable[[tuple], tuple] | None = None) -> Callable[[], object]:
     """A function timing only the backward of ``outputs_fn()``: the forward runs once here,
     the graph is kept, and each call back-propagates the same gradients through it."""
-    outputs = outputs_fn()
+    # torch.compile donates buffers to its backward unless told not to, and a donated
+    # backward cannot run twice on one graph (as timing needs); the setting only
+    # changes compiled functions, which are compiled by this first call.
+    with torch._functorch.config.patch(donated_buffer=False):
+        outputs = outputs_fn()
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     outputs = tuple(output for output in outputs if output.requires_grad)
     grad_outputs = grads(outputs) if grads else tuple(torch.ones_like(output) for output in outputs)

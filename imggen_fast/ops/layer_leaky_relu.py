@@ -109,6 +109,8 @@ def _triton_gap(input: torch.Tensor, groups: int) -> str | None:
         return f"groups={groups} is not covered by the Triton kernels (groups=1 only)"
     if input.dtype not in TRITON_DTYPES:
         return f"{input.dtype} is not covered by the Triton kernels (float32, bfloat16, float16)"
+    if input.dim() == 4 and input[0].numel() >= 2**31:
+        return "one sample of 2**31 elements or more is not covered by the Triton kernels (32-bit offsets in a sample)"
     return None
 
 
