@@ -162,6 +162,26 @@ std::tuple<at::Tensor, at::Tensor> pre_activation_grads(const at::Tensor& grad_o
   return {op.call(grad_output, output, negative_slope), at::Tensor()};
 }
 
+// Saves what the gradients need, as eager's layers do, and never the pre-activation:
+// always the activated output (the mask of every gradient); for a convolution, the
+// input and weight (ATen's convolution backward reads both); for a linear layer, the
+// weight only if the input needs a gradient and the input only if the weight does.
+void save_for_backward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
+                       const at::Tensor& output, bool both_operands) {
+  ctx->save_for_backward({both_operands || weight.requires_grad() ? input : at::Tensor(),
+                          both_operands || input.requires_grad() ? weight : at::Tensor(), output});
+}
+
+// A gradient is computed when asked for and its ingredient was saved (the saved weight
+// or input is absent exactly when the other operand did not require a gradient).
+bool input_grad_needed(AutogradContext* ctx, const at::Tensor& saved_weight) {
+  return ctx->needs_input_grad(0) && saved_weight.defined();
+}
+
+bool weight_grad_needed(AutogradContext* ctx, const at::Tensor& saved_input) {
+  return ctx->needs_input_grad(1) && saved_input.defined();
+}
+
 // An absent (None) bias is not an autograd input at all, so its index exists only when given.
 bool bias_needed(AutogradContext* ctx) {
   return ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
@@ -185,7 +205,7 @@ class ConvolutionLeakyReLUFunction : public torch::autograd::Function<Convolutio
         output = op.call(input, weight, bias, stride, padding, dilation, groups, negative_slope);
       }
     }
-    ctx->save_for_backward({input, weight, output});
+    save_for_backward(ctx, input, weight, output, /*both_operands=*/true);
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["output_padding"] = output_padding.vec();
@@ -202,8 +222,8 @@ class ConvolutionLeakyReLUFunction : public torch::autograd::Function<Convolutio
     const at::Tensor& input = saved[0];
     const at::Tensor& weight = saved[1];
     const at::Tensor& output = saved[2];
-    const bool needs_input = ctx->needs_input_grad(0);
-    const bool needs_weight = ctx->needs_input_grad(1);
+    const bool needs_input = input_grad_needed(ctx, weight);
+    const bool needs_weight = weight_grad_needed(ctx, input);
     auto [grad_pre, grad_bias] = pre_activation_grads(grads[0], output, ctx->saved_data["negative_slope"].toDouble(),
                                                       1, bias_needed(ctx));
     at::Tensor grad_input;
@@ -233,7 +253,7 @@ class LinearLeakyReLUFunction : public torch::autograd::Function<LinearLeakyReLU
       static const auto op = imggen_fast_op<LinearSignature>("linear_leaky_relu");
       output = op.call(input, weight, bias, negative_slope);
     }
-    ctx->save_for_backward({input, weight, output});
+    save_for_backward(ctx, input, weight, output, /*both_operands=*/false);
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return output;
@@ -248,11 +268,11 @@ class LinearLeakyReLUFunction : public torch::autograd::Function<LinearLeakyReLU
                                                       -1, bias_needed(ctx));
     at::Tensor grad_input;
     at::Tensor grad_weight;
-    if (ctx->needs_input_grad(0)) {
+    if (input_grad_needed(ctx, weight)) {
       grad_input = at::matmul(grad_pre, weight);
     }
-    if (ctx->needs_input_grad(1)) {
-      grad_weight = grad_pre.reshape({-1, weight.size(0)}).t().mm(input.reshape({-1, weight.size(1)}));
+    if (weight_grad_needed(ctx, input)) {
+      grad_weight = grad_pre.reshape({-1, output.size(-1)}).t().mm(input.reshape({-1, input.size(-1)}));
     }
     return {grad_input, grad_weight, grad_bias, at::Tensor()};
   }

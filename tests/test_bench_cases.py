@@ -17,11 +17,16 @@ def test_layer_cases_run(case):
     assert 0 < info["share_of_matmul"]
 
 
-def test_fused_layer_keeps_less_for_backward_than_eager():
+def test_kept_for_backward_one_layer_and_the_generator():
+    # One layer: every provider keeps one activation (eager's is the pre-activation).
     layer = layer_leaky_relu.LAYERS[0]
     kept = {provider: layer_leaky_relu.kept_for_backward(layer, provider)
             for provider in ("eager", "eager_inplace", "imggen_fast")}
-    assert kept["imggen_fast"] == kept["eager_inplace"] < kept["eager"]
+    assert kept["imggen_fast"] == kept["eager_inplace"] == kept["eager"]
+    # A chain (the whole generator): eager keeps a pre-activation and an activation per layer.
+    chain = {provider: layer_leaky_relu.generator_kept_for_backward(provider, image_size=16)
+             for provider in ("eager", "eager_inplace", "imggen_fast")}
+    assert chain["imggen_fast"] == chain["eager_inplace"] < chain["eager"]
 
 
 def test_machine_figures_are_positive():

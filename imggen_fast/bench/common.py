@@ -161,14 +161,22 @@ def compiled(function: Callable) -> Callable:
     return torch.compile(function, backend="inductor")
 
 
+def no_donated_buffers():
+    """A context in which torch.compile compiles backwards that can run twice on one graph.
+
+    By default it donates buffers to its backward, which then refuses retain_graph=True,
+    as timing a backward alone needs. Only functions compiled inside the context change.
+    Used for every direction, so the compiled provider is the same in all of them."""
+    import torch._functorch.config
+
+    return torch._functorch.config.patch(donated_buffer=False)
+
+
 def backward_only(outputs_fn: Callable[[], torch.Tensor | tuple],
                   grads: Callable[[tuple], tuple] | None = None) -> Callable[[], object]:
     """A function timing only the backward of ``outputs_fn()``: the forward runs once here,
     the graph is kept, and each call back-propagates the same gradients through it."""
-    # torch.compile donates buffers to its backward unless told not to, and a donated
-    # backward cannot run twice on one graph (as timing needs); the setting only
-    # changes compiled functions, which are compiled by this first call.
-    with torch._functorch.config.patch(donated_buffer=False):
+    with no_donated_buffers():
         outputs = outputs_fn()
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     outputs = tuple(output for output in outputs if output.requires_grad)

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .. import nn as fused_nn
-from .common import COMPILE, DIRECTIONS, EAGER, IMGGEN_FAST, Case, backward_only, compiled, saved_bytes
+from .common import (COMPILE, DIRECTIONS, EAGER, IMGGEN_FAST, Case, backward_only, compiled, no_donated_buffers,
+                     saved_bytes)
 
 EAGER_INPLACE = "eager_inplace"
 BARE = "bare"
@@ -116,7 +117,8 @@ def build(layer: Layer, provider: str, seed: int = 0) -> tuple[nn.Module, torch.
 
 def _make(layer: Layer, provider: str, direction: str):
     module, x = build(layer, provider)
-    grad = torch.randn_like(module(x))
+    with no_donated_buffers():  # compiles torch.compile's module, see no_donated_buffers
+        grad = torch.randn_like(module(x))
     if direction == "forward":
         return lambda: module(x)
     if direction == "backward":
@@ -137,3 +139,20 @@ def cases(layers: list[Layer] | None = None, providers=PROVIDERS, directions=DIR
                  functools.partial(_make, layer, provider, direction),
                  flops=layer.forward_flops() * flops_factor[direction])
             for layer in (layers or LAYERS) for direction in directions for provider in providers]
+
+
+def generator_kept_for_backward(provider: str, image_size: int = 64, batch: int = BATCH) -> int:
+    """Bytes autograd keeps for backward over one forward of the whole default Generator:
+    ``eager`` as built, ``eager_inplace`` with in-place LeakyReLUs, ``imggen_fast`` patched."""
+    from .. import models, patch
+
+    torch.manual_seed(0)
+    generator = models.Generator(image_size=image_size)
+    if provider == EAGER_INPLACE:
+        for module in generator.modules():
+            if isinstance(module, nn.LeakyReLU):
+                module.inplace = True
+    elif provider == IMGGEN_FAST:
+        patch(generator)
+    noise = generator.sample_noise(batch)
+    return saved_bytes(lambda: generator(noise))

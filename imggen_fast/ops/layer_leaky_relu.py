@@ -12,6 +12,8 @@ penalties) works."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends, reference
@@ -30,14 +32,26 @@ def _pre_activation_grads(ctx, grad_output: torch.Tensor, output: torch.Tensor, 
     return epilogue.leaky_relu_backward_from_output(grad_output, output, ctx.negative_slope), None
 
 
-def _save(ctx, input: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, negative_slope: float) -> None:
-    ctx.save_for_backward(input, weight, output)
+def _save(ctx, input: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, negative_slope: float,
+          both_operands: bool) -> None:
+    # As eager's layers (and the C++ twin): always the activated output; for a
+    # convolution the input and weight; for a linear layer the weight only if the input
+    # needs a gradient and the input only if the weight does.
+    needs_input, needs_weight = ctx.needs_input_grad[:2]
+    ctx.save_for_backward(input if both_operands or needs_weight else None,
+                          weight if both_operands or needs_input else None, output)
     ctx.negative_slope = negative_slope
+
+
+def _needed(ctx, input, weight) -> tuple[bool, bool, bool]:
+    """Which of (input, weight, bias) get a gradient: asked for, and its ingredient saved."""
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    return needs_input and weight is not None, needs_weight and input is not None, needs_bias
 
 
 def _convolution_backward(ctx, grad_output: torch.Tensor):
     input, weight, output = ctx.saved_tensors
-    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    needs_input, needs_weight, needs_bias = _needed(ctx, input, weight)
     grad_pre, grad_bias = _pre_activation_grads(ctx, grad_output, output, 1, needs_bias)
     grad_input = grad_weight = None
     if needs_input or needs_weight:
@@ -49,14 +63,14 @@ def _convolution_backward(ctx, grad_output: torch.Tensor):
 
 def _conv_transpose2d_setup_context(ctx, inputs, output) -> None:
     input, weight, _, stride, padding, output_padding, groups, dilation, negative_slope = inputs
-    _save(ctx, input, weight, output, negative_slope)
+    _save(ctx, input, weight, output, negative_slope, both_operands=True)
     ctx.stride, ctx.padding, ctx.output_padding, ctx.dilation = stride, padding, output_padding, dilation
     ctx.groups, ctx.transposed, ctx.non_tensor_arguments = groups, True, 6
 
 
 def _conv2d_setup_context(ctx, inputs, output) -> None:
     input, weight, _, stride, padding, dilation, groups, negative_slope = inputs
-    _save(ctx, input, weight, output, negative_slope)
+    _save(ctx, input, weight, output, negative_slope, both_operands=True)
     ctx.stride, ctx.padding, ctx.output_padding, ctx.dilation = stride, padding, [0, 0], dilation
     ctx.groups, ctx.transposed, ctx.non_tensor_arguments = groups, False, 5
 
@@ -71,17 +85,17 @@ def _conv2d_fake(input, weight, bias, stride, padding, dilation, groups, negativ
 
 def _linear_setup_context(ctx, inputs, output) -> None:
     input, weight, _, negative_slope = inputs
-    _save(ctx, input, weight, output, negative_slope)
+    _save(ctx, input, weight, output, negative_slope, both_operands=False)
 
 
 def _linear_backward(ctx, grad_output: torch.Tensor):
     input, weight, output = ctx.saved_tensors
-    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    needs_input, needs_weight, needs_bias = _needed(ctx, input, weight)
     grad_pre, grad_bias = _pre_activation_grads(ctx, grad_output, output, -1, needs_bias)
     grad_input = grad_pre @ weight if needs_input else None
     grad_weight = None
     if needs_weight:
-        grad_weight = grad_pre.reshape(-1, weight.shape[0]).t() @ input.reshape(-1, weight.shape[1])
+        grad_weight = grad_pre.reshape(-1, output.shape[-1]).t() @ input.reshape(-1, input.shape[-1])
     return grad_input, grad_weight, grad_bias, None
 
 
@@ -109,7 +123,7 @@ def _triton_gap(input: torch.Tensor, groups: int) -> str | None:
         return f"groups={groups} is not covered by the Triton kernels (groups=1 only)"
     if input.dtype not in TRITON_DTYPES:
         return f"{input.dtype} is not covered by the Triton kernels (float32, bfloat16, float16)"
-    if input.dim() == 4 and input[0].numel() >= 2**31:
+    if input.dim() == 4 and math.prod(input.shape[1:]) >= 2**31:
         return "one sample of 2**31 elements or more is not covered by the Triton kernels (32-bit offsets in a sample)"
     return None
 
