@@ -24,11 +24,13 @@ def register(op: str, fake: Callable, backward: Callable | None = None,
         torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-def cpp_op(name: str, fake: Callable) -> Callable[[], Callable]:
-    """A loader for ``torch.ops.imggen_fast.<name>``: registers its fake implementation as
-    soon as the C++ library loads (whoever loads it first), and returns the op. Its
-    autograd is registered in C++ (see csrc/autograd_utils.h for why)."""
-    _build.on_load(lambda: register(f"imggen_fast::{name}", fake))
+def cpp_op(name: str, fake: Callable, backward: Callable | None = None,
+           setup_context: Callable | None = None) -> Callable[[], Callable]:
+    """A loader for ``torch.ops.imggen_fast.<name>``: registers its fake implementation (and,
+    if given, a Python autograd formula) as soon as the C++ library loads, whoever loads
+    it first, and returns the op. Ops whose per-call overhead matters carry their
+    autograd in C++ instead (see csrc/autograd_utils.h for why) and pass no backward."""
+    _build.on_load(lambda: register(f"imggen_fast::{name}", fake, backward, setup_context))
 
     def load() -> Callable:
         return getattr(torch.ops.imggen_fast, name).default
