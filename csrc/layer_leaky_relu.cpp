@@ -167,9 +167,12 @@ std::tuple<at::Tensor, at::Tensor> pre_activation_grads(const at::Tensor& grad_o
 // input and weight (ATen's convolution backward reads both); for a linear layer, the
 // weight only if the input needs a gradient and the input only if the weight does.
 void save_for_backward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& weight,
-                       const at::Tensor& output, bool both_operands) {
+                       const std::optional<at::Tensor>& bias, const at::Tensor& output, double negative_slope,
+                       bool both_operands) {
   ctx->save_for_backward({both_operands || weight.requires_grad() ? input : at::Tensor(),
                           both_operands || input.requires_grad() ? weight : at::Tensor(), output});
+  ctx->saved_data["negative_slope"] = negative_slope;
+  ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
 }
 
 // A gradient is computed when asked for and its ingredient was saved (the saved weight
@@ -185,6 +188,24 @@ bool weight_grad_needed(AutogradContext* ctx, const at::Tensor& saved_input) {
 // An absent (None) bias is not an autograd input at all, so its index exists only when given.
 bool bias_needed(AutogradContext* ctx) {
   return ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+}
+
+// The start of every layer's backward: the saved tensors, which gradients are due, and
+// the pre-activation and bias gradients from one sweep over grad_output.
+struct LayerGradients {
+  at::Tensor input;
+  at::Tensor weight;
+  at::Tensor grad_pre;
+  at::Tensor grad_bias;
+  bool needs_input;
+  bool needs_weight;
+};
+
+LayerGradients start_layer_backward(AutogradContext* ctx, const at::Tensor& grad_output, int64_t channel_dim) {
+  const auto saved = ctx->get_saved_variables();
+  auto [grad_pre, grad_bias] = pre_activation_grads(grad_output, saved[2], ctx->saved_data["negative_slope"].toDouble(),
+                                                    channel_dim, bias_needed(ctx));
+  return {saved[0], saved[1], grad_pre, grad_bias, input_grad_needed(ctx, saved[1]), weight_grad_needed(ctx, saved[0])};
 }
 
 class ConvolutionLeakyReLUFunction : public torch::autograd::Function<ConvolutionLeakyReLUFunction> {
@@ -205,40 +226,31 @@ class ConvolutionLeakyReLUFunction : public torch::autograd::Function<Convolutio
         output = op.call(input, weight, bias, stride, padding, dilation, groups, negative_slope);
       }
     }
-    save_for_backward(ctx, input, weight, output, /*both_operands=*/true);
+    save_for_backward(ctx, input, weight, bias, output, negative_slope, /*both_operands=*/true);
     ctx->saved_data["stride"] = stride.vec();
     ctx->saved_data["padding"] = padding.vec();
     ctx->saved_data["output_padding"] = output_padding.vec();
     ctx->saved_data["dilation"] = dilation.vec();
     ctx->saved_data["groups"] = groups;
-    ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["transposed"] = transposed;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& output = saved[2];
-    const bool needs_input = input_grad_needed(ctx, weight);
-    const bool needs_weight = weight_grad_needed(ctx, input);
-    auto [grad_pre, grad_bias] = pre_activation_grads(grads[0], output, ctx->saved_data["negative_slope"].toDouble(),
-                                                      1, bias_needed(ctx));
+    const LayerGradients layer = start_layer_backward(ctx, grads[0], 1);
     at::Tensor grad_input;
     at::Tensor grad_weight;
-    if (needs_input || needs_weight) {
+    if (layer.needs_input || layer.needs_weight) {
       std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
-          grad_pre, input, weight, std::nullopt, ctx->saved_data["stride"].toIntVector(),
+          layer.grad_pre, layer.input, layer.weight, std::nullopt, ctx->saved_data["stride"].toIntVector(),
           ctx->saved_data["padding"].toIntVector(), ctx->saved_data["dilation"].toIntVector(),
           ctx->saved_data["transposed"].toBool(), ctx->saved_data["output_padding"].toIntVector(),
-          ctx->saved_data["groups"].toInt(), {needs_input, needs_weight, false});
+          ctx->saved_data["groups"].toInt(), {layer.needs_input, layer.needs_weight, false});
     }
     variable_list result(10);
     result[0] = grad_input;
     result[1] = grad_weight;
-    result[2] = grad_bias;
+    result[2] = layer.grad_bias;
     return result;
   }
 };
@@ -253,28 +265,23 @@ class LinearLeakyReLUFunction : public torch::autograd::Function<LinearLeakyReLU
       static const auto op = imggen_fast_op<LinearSignature>("linear_leaky_relu");
       output = op.call(input, weight, bias, negative_slope);
     }
-    save_for_backward(ctx, input, weight, output, /*both_operands=*/false);
-    ctx->saved_data["negative_slope"] = negative_slope;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    save_for_backward(ctx, input, weight, bias, output, negative_slope, /*both_operands=*/false);
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& output = saved[2];
-    auto [grad_pre, grad_bias] = pre_activation_grads(grads[0], output, ctx->saved_data["negative_slope"].toDouble(),
-                                                      -1, bias_needed(ctx));
+    const LayerGradients layer = start_layer_backward(ctx, grads[0], -1);
     at::Tensor grad_input;
     at::Tensor grad_weight;
-    if (input_grad_needed(ctx, weight)) {
-      grad_input = at::matmul(grad_pre, weight);
+    if (layer.needs_input) {
+      grad_input = at::matmul(layer.grad_pre, layer.weight);
     }
-    if (weight_grad_needed(ctx, input)) {
-      grad_weight = grad_pre.reshape({-1, output.size(-1)}).t().mm(input.reshape({-1, input.size(-1)}));
+    if (layer.needs_weight) {
+      grad_weight = layer.grad_pre.reshape({-1, layer.grad_pre.size(-1)})
+                        .t()
+                        .mm(layer.input.reshape({-1, layer.input.size(-1)}));
     }
-    return {grad_input, grad_weight, grad_bias, at::Tensor()};
+    return {grad_input, grad_weight, layer.grad_bias, at::Tensor()};
   }
 };
 
