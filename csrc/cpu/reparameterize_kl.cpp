@@ -16,6 +16,13 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../reparameterize_kl.h"
 #include "cpu_utils.h"
 
@@ -30,84 +37,244 @@ constexpr const char* kBackwardName = "reparameterize_kl_backward";
 constexpr int64_t kSegment = 4096;
 
 using FloatVec = at::vec::Vectorized<float>;
-// Philox groups generated together, one per float lane: 4 * kGroupsPerBatch normals.
-constexpr int64_t kGroupsPerBatch = FloatVec::size();
+// Philox groups generated together: 4 * kGroupsPerBatch normals.
+constexpr int64_t kGroupsPerBatch = 8;
 constexpr int64_t kNormalsPerBatch = math::kNormalsPerGroup * kGroupsPerBatch;
 // Normals generated at a time: few enough to stay in L1 beside the operands, a
 // multiple of every vector width so the vectorized sweep runs on across pieces unchanged.
 constexpr int64_t kNoisePiece = 512;
 static_assert(kNoisePiece % kNormalsPerBatch == 0);
 
-// The normals of the kGroupsPerBatch groups from `first_group`, in memory order:
-// out[4 * g + k] = normal k of group first_group + g. The Philox rounds are written
-// as plain loops over the lanes so the compiler vectorizes them (32-bit lanes, the
-// high halves of the products from widening multiplies); Box-Muller runs on
-// Vectorized<float> (Sleef's log, sin, cos).
-inline void philox_normals_batch(uint64_t seed, uint64_t first_group, float* out) {
-  alignas(64) uint32_t c0[kGroupsPerBatch];
-  alignas(64) uint32_t c1[kGroupsPerBatch];
-  alignas(64) uint32_t c2[kGroupsPerBatch];
-  alignas(64) uint32_t c3[kGroupsPerBatch];
-  for (int64_t lane = 0; lane < kGroupsPerBatch; ++lane) {
-    const uint64_t group = first_group + static_cast<uint64_t>(lane);
-    c0[lane] = static_cast<uint32_t>(group);
-    c1[lane] = static_cast<uint32_t>(group >> 32);
-    c2[lane] = 0;
-    c3[lane] = 0;
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed);
-  uint32_t k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < math::kPhiloxRounds; ++round) {
-    for (int64_t lane = 0; lane < kGroupsPerBatch; ++lane) {
-      math::philox_round(c0[lane], c1[lane], c2[lane], c3[lane], k0, k1);
-    }
-    k0 += math::kPhiloxKeyA;
-    k1 += math::kPhiloxKeyB;
-  }
-  alignas(64) float uniform[4][kGroupsPerBatch];
-  for (int64_t lane = 0; lane < kGroupsPerBatch; ++lane) {
-    uniform[0][lane] = math::uint_to_uniform_float(c0[lane]);
-    uniform[1][lane] = math::uint_to_uniform_float(c1[lane]);
-    uniform[2][lane] = math::uint_to_uniform_float(c2[lane]);
-    uniform[3][lane] = math::uint_to_uniform_float(c3[lane]);
-  }
-  const FloatVec floor_value(math::kUniformFloor);
-  const FloatVec minus_two(-2.0f);
-  const FloatVec two_pi(math::kTwoPi);
-  FloatVec normal[4];
-  for (int pair = 0; pair < 2; ++pair) {
-    const FloatVec u1 = at::vec::maximum(FloatVec::loadu(uniform[2 * pair]), floor_value);
-    const FloatVec angle = two_pi * FloatVec::loadu(uniform[2 * pair + 1]);
-    const FloatVec radius = (minus_two * u1.log()).sqrt();
-    normal[2 * pair] = radius * angle.cos();
-    normal[2 * pair + 1] = radius * angle.sin();
-  }
-  // Interleave the four lanes-per-group vectors into memory order.
-  const auto [first_third_low, first_third_high] = at::vec::interleave2(normal[0], normal[2]);
-  const auto [second_fourth_low, second_fourth_high] = at::vec::interleave2(normal[1], normal[3]);
-  const auto [out0, out1] = at::vec::interleave2(first_third_low, second_fourth_low);
-  const auto [out2, out3] = at::vec::interleave2(first_third_high, second_fourth_high);
-  out0.store(out);
-  out1.store(out + FloatVec::size());
-  out2.store(out + 2 * FloatVec::size());
-  out3.store(out + 3 * FloatVec::size());
+#if defined(__AVX2__) && defined(__FMA__)
+// AVX2 versions of the noise math and of exp: Philox on 8 x uint32 lanes, and float
+// log, sin/cos and exp as Cephes' polynomials (about 1 ulp; the scalar functions the
+// generator mirrors differ from them only by float rounding). Sleef's calls, which
+// Vectorized<float> uses, cost several times more here.
+namespace avx2 {
+
+// The high and low 32 bits of the 64-bit products of the uint32 lanes of a and b.
+inline void multiply_high_low(__m256i a, __m256i b, __m256i& high, __m256i& low) {
+  const __m256i even = _mm256_mul_epu32(a, b);  // lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
+  high = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0b10101010);
+  low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0b10101010);
 }
 
-// Buffer for the normals of one piece: the piece, rounded out to whole batches.
-struct NoiseBuffer {
-  alignas(64) float values[kNoisePiece + 2 * kNormalsPerBatch];
+// Triton's uint_to_uniform_float on 8 lanes.
+inline __m256 uniform_from_bits(__m256i bits) {
+  const __m256i folded = _mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31));  // x < 0 ? ~x : x
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(math::kUniformScale));
+}
+
+// log(x) for positive normal x (Cephes logf): x = m * 2^e, m in [sqrt(1/2), sqrt(2)).
+inline __m256 log_positive(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256 exponent_raw =
+      _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  // frexp's mantissa in [0.5, 1)
+  __m256 mantissa = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F000000)));
+  const __m256 below_sqrt_half = _mm256_cmp_ps(mantissa, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 exponent = _mm256_sub_ps(exponent_raw, _mm256_and_ps(below_sqrt_half, one));
+  // m - 1, doubled first where m < sqrt(1/2)
+  mantissa = _mm256_add_ps(_mm256_sub_ps(mantissa, one), _mm256_and_ps(below_sqrt_half, mantissa));
+  const __m256 square = _mm256_mul_ps(mantissa, mantissa);
+  __m256 poly = _mm256_set1_ps(7.0376836292E-2f);
+  poly = _mm256_fmadd_ps(poly, mantissa, _mm256_set1_ps(-1.1514610310E-1f));
+  poly = _mm256_fmadd_ps(poly, mantissa, _mm256_set1_ps(1.1676998740E-1f));
+  poly = _mm256_fmadd_ps(poly, mantissa, _mm256_set1_ps(-1.2420140846E-1f));
+  poly = _mm256_fmadd_ps(poly, mantissa, _mm256_set1_ps(1.4249322787E-1f));
+  poly = _mm256_fmadd_ps(poly, mantissa, _mm256_set1_ps(-1.6668057665E-1f));
+  poly = _mm256_fmadd_ps(poly, mantissa, _mm256_set1_ps(2.0000714765E-1f));
+  poly = _mm256_fmadd_ps(poly, mantissa, _mm256_set1_ps(-2.4999993993E-1f));
+  poly = _mm256_fmadd_ps(poly, mantissa, _mm256_set1_ps(3.3333331174E-1f));
+  __m256 result = _mm256_mul_ps(_mm256_mul_ps(poly, mantissa), square);
+  result = _mm256_fmadd_ps(exponent, _mm256_set1_ps(-2.12194440e-4f), result);
+  result = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), square, result);
+  result = _mm256_add_ps(mantissa, result);
+  return _mm256_fmadd_ps(exponent, _mm256_set1_ps(0.693359375f), result);
+}
+
+// sin(x) and cos(x) for 0 <= x < 8192 (Cephes sinf/cosf): x = j * pi/4 + r with j even,
+// |r| <= pi/4; the quadrant j/2 picks sin r or cos r and the signs.
+inline void sincos_nonnegative(__m256 x, __m256& sine, __m256& cosine) {
+  __m256i octant = _mm256_cvttps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.27323954473516f)));
+  octant = _mm256_and_si256(_mm256_add_epi32(octant, _mm256_set1_epi32(1)), _mm256_set1_epi32(~1));
+  const __m256 octant_float = _mm256_cvtepi32_ps(octant);
+  // r = x - j * pi/4, pi/4 in three parts so the products are exact
+  __m256 r = _mm256_fnmadd_ps(octant_float, _mm256_set1_ps(0.78515625f), x);
+  r = _mm256_fnmadd_ps(octant_float, _mm256_set1_ps(2.4187564849853515625e-4f), r);
+  r = _mm256_fnmadd_ps(octant_float, _mm256_set1_ps(3.77489497744594108e-8f), r);
+  const __m256 square = _mm256_mul_ps(r, r);
+  __m256 sin_poly = _mm256_set1_ps(-1.9515295891E-4f);
+  sin_poly = _mm256_fmadd_ps(sin_poly, square, _mm256_set1_ps(8.3321608736E-3f));
+  sin_poly = _mm256_fmadd_ps(sin_poly, square, _mm256_set1_ps(-1.6666654611E-1f));
+  const __m256 sin_r = _mm256_fmadd_ps(_mm256_mul_ps(sin_poly, square), r, r);
+  __m256 cos_poly = _mm256_set1_ps(2.443315711809948E-5f);
+  cos_poly = _mm256_fmadd_ps(cos_poly, square, _mm256_set1_ps(-1.388731625493765E-3f));
+  cos_poly = _mm256_fmadd_ps(cos_poly, square, _mm256_set1_ps(4.166664568298827E-2f));
+  const __m256 cos_r = _mm256_fmadd_ps(_mm256_mul_ps(cos_poly, square), square,
+                                       _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), square, _mm256_set1_ps(1.0f)));
+  // Quadrants 1 and 3 swap sin and cos; sin is negated in quadrants 2, 3, cos in 1, 2.
+  const __m256 swap = _mm256_castsi256_ps(
+      _mm256_cmpeq_epi32(_mm256_and_si256(octant, _mm256_set1_epi32(2)), _mm256_set1_epi32(2)));
+  const __m256 sin_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(octant, _mm256_set1_epi32(4)), 29));
+  const __m256 cos_sign = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(octant, _mm256_set1_epi32(2)), _mm256_set1_epi32(4)), 29));
+  sine = _mm256_xor_ps(_mm256_blendv_ps(sin_r, cos_r, swap), sin_sign);
+  cosine = _mm256_xor_ps(_mm256_blendv_ps(cos_r, sin_r, swap), cos_sign);
+}
+
+// exp(x) (Cephes expf): x = n ln2 + r, |r| <= ln2 / 2, exp(x) = 2^n p(r). 2^n is applied
+// as two halves so that results down to the denormals and up to overflow (inf) come
+// out right; NaN stays NaN (min/max return their second operand for NaN).
+inline __m256 exp(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), _mm256_min_ps(_mm256_set1_ps(89.0f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  const __m256 square = _mm256_mul_ps(r, r);
+  __m256 poly = _mm256_set1_ps(1.9875691500E-4f);
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.3981999507E-3f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(8.3334519073E-3f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(4.1665795894E-2f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.6666665459E-1f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 p = _mm256_add_ps(_mm256_fmadd_ps(poly, square, r), _mm256_set1_ps(1.0f));
+  const __m256i power = _mm256_cvtps_epi32(n);
+  const __m256i half_power = _mm256_srai_epi32(power, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 first_scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half_power, bias), 23));
+  const __m256 second_scale = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(power, half_power), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, first_scale), second_scale);
+}
+
+// Per-seed round keys of Philox, broadcast to the lanes.
+struct PhiloxKeys {
+  __m256i k0[math::kPhiloxRounds];
+  __m256i k1[math::kPhiloxRounds];
+
+  explicit PhiloxKeys(uint64_t seed) {
+    uint32_t key0 = static_cast<uint32_t>(seed);
+    uint32_t key1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < math::kPhiloxRounds; ++round) {
+      k0[round] = _mm256_set1_epi32(static_cast<int32_t>(key0));
+      k1[round] = _mm256_set1_epi32(static_cast<int32_t>(key1));
+      key0 += math::kPhiloxKeyA;
+      key1 += math::kPhiloxKeyB;
+    }
+  }
+};
+
+// The normals of groups [first_group, first_group + 8) in memory order (math::randn4x on 8 lanes).
+inline void normals_batch(const PhiloxKeys& keys, uint64_t first_group, float* out) {
+  alignas(32) uint32_t low[kGroupsPerBatch];
+  alignas(32) uint32_t high[kGroupsPerBatch];
+  for (int64_t lane = 0; lane < kGroupsPerBatch; ++lane) {
+    const uint64_t group = first_group + static_cast<uint64_t>(lane);
+    low[lane] = static_cast<uint32_t>(group);
+    high[lane] = static_cast<uint32_t>(group >> 32);
+  }
+  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(low));
+  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(high));
+  __m256i c2 = _mm256_setzero_si256();
+  __m256i c3 = _mm256_setzero_si256();
+  const __m256i round_a = _mm256_set1_epi32(static_cast<int32_t>(math::kPhiloxRoundA));
+  const __m256i round_b = _mm256_set1_epi32(static_cast<int32_t>(math::kPhiloxRoundB));
+  for (int round = 0; round < math::kPhiloxRounds; ++round) {
+    __m256i high_b, low_b, high_a, low_a;
+    multiply_high_low(round_b, c2, high_b, low_b);
+    multiply_high_low(round_a, c0, high_a, low_a);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(high_b, c1), keys.k0[round]);
+    c2 = _mm256_xor_si256(_mm256_xor_si256(high_a, c3), keys.k1[round]);
+    c1 = low_b;
+    c3 = low_a;
+  }
+  __m256 normal[4];
+  const __m256i bits[4] = {c0, c1, c2, c3};
+  for (int pair = 0; pair < 2; ++pair) {
+    const __m256 u1 = _mm256_max_ps(uniform_from_bits(bits[2 * pair]), _mm256_set1_ps(math::kUniformFloor));
+    const __m256 angle = _mm256_mul_ps(_mm256_set1_ps(math::kTwoPi), uniform_from_bits(bits[2 * pair + 1]));
+    const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_positive(u1)));
+    __m256 sine, cosine;
+    sincos_nonnegative(angle, sine, cosine);
+    normal[2 * pair] = _mm256_mul_ps(radius, cosine);
+    normal[2 * pair + 1] = _mm256_mul_ps(radius, sine);
+  }
+  // 4 x 8 transpose: normal[k][g] goes to out[4 * g + k].
+  const __m256 t0 = _mm256_unpacklo_ps(normal[0], normal[1]);
+  const __m256 t1 = _mm256_unpackhi_ps(normal[0], normal[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(normal[2], normal[3]);
+  const __m256 t3 = _mm256_unpackhi_ps(normal[2], normal[3]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44);
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44);
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(u0, u1, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+}
+
+}  // namespace avx2
+#endif
+
+// exp on the accumulation type's vector: the AVX2 polynomial for float where
+// Vectorized<float> is 8 lanes, else ATen's (Sleef).
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> vector_exp(const at::vec::Vectorized<acc_t>& x) {
+#if defined(CPU_CAPABILITY_AVX2) && defined(__FMA__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return avx2::exp(x);
+  }
+#endif
+  return x.exp();
+}
+
+// Fills buffers with the normals of flat index ranges: whole batches of 8 groups on
+// AVX2, single groups with the shared scalar code (math::randn4x) elsewhere and for the
+// groups a range has left over.
+class NoiseBuffer {
+ public:
+  explicit NoiseBuffer(uint64_t seed)
+      : seed_(seed)
+#if defined(__AVX2__) && defined(__FMA__)
+        ,
+        keys_(seed)
+#endif
+  {
+  }
 
   // Fills the normals of flat indices [first, first + count) (count <= kNoisePiece) and
   // returns where the normal of `first` lies.
-  const float* fill(uint64_t seed, int64_t first, int64_t count) {
+  const float* fill(int64_t first, int64_t count) {
     const int64_t first_group = first / math::kNormalsPerGroup;
     const int64_t skipped = first - first_group * math::kNormalsPerGroup;
-    for (int64_t done = 0; done < skipped + count; done += kNormalsPerBatch) {
-      philox_normals_batch(seed, static_cast<uint64_t>(first_group + done / math::kNormalsPerGroup),
-                           values + done);
+    const int64_t groups = (skipped + count + math::kNormalsPerGroup - 1) / math::kNormalsPerGroup;
+    int64_t group = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    for (; group + kGroupsPerBatch <= groups; group += kGroupsPerBatch) {
+      avx2::normals_batch(keys_, static_cast<uint64_t>(first_group + group), values_ + group * math::kNormalsPerGroup);
     }
-    return values + skipped;
+#endif
+    for (; group < groups; ++group) {
+      const math::Normals4 normals = math::randn4x(seed_, static_cast<uint64_t>(first_group + group));
+      for (int k = 0; k < math::kNormalsPerGroup; ++k) {
+        values_[group * math::kNormalsPerGroup + k] = normals.values[k];
+      }
+    }
+    return values_ + skipped;
   }
+
+ private:
+  uint64_t seed_;
+#if defined(__AVX2__) && defined(__FMA__)
+  avx2::PhiloxKeys keys_;
+#endif
+  alignas(64) float values_[kNoisePiece + 2 * kNormalsPerBatch];
 };
 
 // Loads AccVec<scalar_t>::size() normals, widened to the accumulation type.
@@ -123,6 +290,29 @@ inline at::vec::Vectorized<acc_t> load_noise(const float* noise) {
     }
     return Vec::loadu(widened);
   }
+}
+
+// An uninitialized tensor like `layout` for the kernel to write once. Outputs of 32 MiB
+// and more are fresh mmaps (glibc serves every allocation that large with one) that the
+// sweep touches first: they are advised onto transparent huge pages before that touch,
+// which cuts the page faults from one per 4 KiB to one per 2 MiB (on the development
+// VM a 64 MiB output otherwise costs more in faults than the sweep that fills it).
+// The advice is only a hint: where huge pages are off it does nothing.
+at::Tensor empty_output_like(const at::Tensor& layout) {
+  at::Tensor output = at::empty_like(layout);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  constexpr size_t kAdviseFrom = size_t{32} << 20;
+  if (output.nbytes() >= kAdviseFrom) {
+    const uintptr_t start = reinterpret_cast<uintptr_t>(output.data_ptr());
+    const uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t last = (start + output.nbytes()) & ~(kHugePage - 1);
+    if (last > first) {
+      madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    }
+  }
+#endif
+  return output;
 }
 
 enum class Reduction { kBatchMean, kSum, kMean, kNone };
@@ -212,7 +402,7 @@ void forward_sweep(const Segments& segments, const scalar_t* mu, const scalar_t*
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   at::parallel_for(0, segments.count(), segments.grain(), [&](int64_t first_segment, int64_t last_segment) {
-    NoiseBuffer noise_buffer;
+    NoiseBuffer noise_buffer(seed);
     const Vec half(acc_t(0.5));
     const Vec one(acc_t(1));
     for (int64_t segment = first_segment; segment < last_segment; ++segment) {
@@ -224,14 +414,14 @@ void forward_sweep(const Segments& segments, const scalar_t* mu, const scalar_t*
         const int64_t piece_end = std::min(piece + kNoisePiece, end);
         const float* noise = nullptr;
         if constexpr (!kHasEps) {
-          noise = noise_buffer.fill(seed, piece, piece_end - piece);
+          noise = noise_buffer.fill(piece, piece_end - piece);
         }
         int64_t i = piece;
         for (; i + Vec::size() <= piece_end; i += Vec::size()) {
           const Vec mu_values = load_acc(mu + i);
           const Vec logvar_values = load_acc(logvar + i);
           const Vec noise_values = kHasEps ? load_acc(eps + i) : load_noise<acc_t>(noise + (i - piece));
-          const Vec std_values = (half * logvar_values).exp();
+          const Vec std_values = vector_exp<acc_t>(half * logvar_values);
           store_acc(z + i, at::vec::fmadd(noise_values, std_values, mu_values));
           vector_sum += one + logvar_values - mu_values * mu_values - std_values * std_values;
         }
@@ -258,7 +448,7 @@ void backward_sweep(const Segments& segments, const scalar_t* grad_z, const scal
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   at::parallel_for(0, segments.count(), segments.grain(), [&](int64_t first_segment, int64_t last_segment) {
-    NoiseBuffer noise_buffer;
+    NoiseBuffer noise_buffer(seed);
     const Vec half(acc_t(0.5));
     const Vec one(acc_t(1));
     for (int64_t segment = first_segment; segment < last_segment; ++segment) {
@@ -273,13 +463,13 @@ void backward_sweep(const Segments& segments, const scalar_t* grad_z, const scal
         const int64_t piece_end = std::min(piece + kNoisePiece, end);
         const float* noise = nullptr;
         if constexpr (kHasGradZ && !kHasEps) {
-          noise = noise_buffer.fill(seed, piece, piece_end - piece);
+          noise = noise_buffer.fill(piece, piece_end - piece);
         }
         int64_t i = piece;
         for (; i + Vec::size() <= piece_end; i += Vec::size()) {
           const Vec mu_values = load_acc(mu + i);
           const Vec logvar_values = load_acc(logvar + i);
-          const Vec std_values = (half * logvar_values).exp();
+          const Vec std_values = vector_exp<acc_t>(half * logvar_values);
           Vec grad_mu_values = kl_grad_values * mu_values;
           Vec grad_logvar_values = kl_grad_values * (std_values * std_values - one);
           if constexpr (kHasGradZ) {
@@ -320,7 +510,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward(const at::Tensor& m
   const at::Tensor logvar_dense = in_layout_of(logvar, mu_dense);
   const at::Tensor eps_dense = eps.has_value() ? in_layout_of(*eps, mu_dense) : at::Tensor();
   const uint64_t seed_value = eps.has_value() ? 0 : read_seed(seed, kForwardName);
-  at::Tensor z = at::empty_like(mu_dense);
+  at::Tensor z = empty_output_like(mu_dense);
   const int64_t samples = mu_dense.size(0);
   const int64_t per_sample = samples == 0 ? 0 : mu_dense.numel() / samples;
   at::Tensor kl = reduction == Reduction::kNone ? at::empty({samples}, mu.options()) : at::empty({}, mu.options());
@@ -390,8 +580,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
       seed_value = read_seed(seed, kBackwardName);
     }
   }
-  at::Tensor grad_mu = at::empty_like(mu_dense);
-  at::Tensor grad_logvar = at::empty_like(mu_dense);
+  at::Tensor grad_mu = empty_output_like(mu_dense);
+  at::Tensor grad_logvar = empty_output_like(mu_dense);
   if (per_sample == 0) {
     return {grad_mu, grad_logvar};
   }
