@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "host_device.h"
+#include "layout.h"
 
 namespace imggen_fast::math {
 
@@ -130,3 +131,88 @@ IMGGEN_FAST_HOST_DEVICE acc_t grad_logvar(acc_t grad_z, acc_t kl_grad, acc_t eps
 }
 
 }  // namespace imggen_fast::math
+
+// Host-side helpers shared by the CPU and CUDA launchers: argument checks, the
+// reduction, and the batch-major layout the kernels sweep.
+namespace imggen_fast::reparameterize_kl {
+
+enum class Reduction { kBatchMean, kSum, kMean, kNone };
+
+inline Reduction parse_reduction(c10::string_view reduction) {
+  if (reduction == "batchmean") return Reduction::kBatchMean;
+  if (reduction == "sum") return Reduction::kSum;
+  if (reduction == "mean") return Reduction::kMean;
+  TORCH_CHECK(reduction == "none", "reparameterize_kl: reduction must be 'batchmean', 'sum', 'mean' or 'none', got '",
+              reduction, "'");
+  return Reduction::kNone;
+}
+
+// The factor a reduced KL applies to the sum of the per-sample values: NaN for the
+// means of nothing, as torch's means give.
+inline double reduction_factor(Reduction reduction, int64_t samples, int64_t per_sample) {
+  switch (reduction) {
+    case Reduction::kBatchMean:
+      return 1.0 / static_cast<double>(samples);
+    case Reduction::kMean:
+      return 1.0 / static_cast<double>(samples * per_sample);
+    case Reduction::kSum:
+    case Reduction::kNone:
+      break;
+  }
+  return 1.0;
+}
+
+// `tensor` dense with each sample's elements contiguous and the samples in order
+// (contiguous and channels_last tensors qualify as they are; anything else is copied
+// once, in the memory format it suggests where that qualifies, else contiguous).
+inline at::Tensor batch_major(const at::Tensor& tensor) {
+  at::Tensor result = dense(tensor);
+  const int64_t samples = result.size(0);
+  if (samples > 1 && result.numel() > 0 && result.stride(0) * samples != result.numel()) {
+    result = result.contiguous();
+  }
+  return result;
+}
+
+// The operands of a call in one batch-major layout, mu's where it qualifies.
+struct Operands {
+  at::Tensor mu;
+  at::Tensor logvar;
+  at::Tensor eps;  // undefined when the noise comes from the seed
+  int64_t samples;
+  int64_t per_sample;
+};
+
+inline Operands batch_major_operands(const char* op, const at::Tensor& mu, const at::Tensor& logvar,
+                                     const c10::optional<at::Tensor>& eps) {
+  TORCH_CHECK(mu.dim() >= 1, op, ": mu must have a batch dimension, got a 0-d tensor");
+  check_same_shape_and_dtype(op, logvar, "logvar", mu, "mu");
+  Operands operands;
+  operands.mu = batch_major(mu);
+  operands.logvar = in_layout_of(logvar, operands.mu);
+  if (eps.has_value()) {
+    check_same_shape_and_dtype(op, *eps, "eps", mu, "mu");
+    operands.eps = in_layout_of(*eps, operands.mu);
+  }
+  operands.samples = operands.mu.size(0);
+  operands.per_sample = operands.samples == 0 ? 0 : operands.mu.numel() / operands.samples;
+  return operands;
+}
+
+inline void check_seed(const char* op, const c10::optional<at::Tensor>& seed, const at::Tensor& mu) {
+  TORCH_CHECK(seed.has_value(), op, ": needs eps or seed");
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1 && seed->device() == mu.device(), op,
+              ": seed must be a 1-element int64 tensor on mu's device, got ", seed->scalar_type(), " ",
+              seed->sizes(), " on ", seed->device());
+}
+
+// grad_kl: () for the reduced KL, (batch,) for reduction "none"; mu's dtype and device.
+inline void check_grad_kl(const char* op, const at::Tensor& grad_kl, Reduction reduction, const at::Tensor& mu) {
+  const bool per_sample = reduction == Reduction::kNone;
+  TORCH_CHECK(per_sample ? (grad_kl.dim() == 1 && grad_kl.size(0) == mu.size(0)) : grad_kl.dim() == 0, op,
+              ": grad_kl must have shape ", per_sample ? "(batch,)" : "()", ", got ", grad_kl.sizes());
+  TORCH_CHECK(grad_kl.scalar_type() == mu.scalar_type() && grad_kl.device() == mu.device(), op,
+              ": grad_kl must have mu's dtype and device");
+}
+
+}  // namespace imggen_fast::reparameterize_kl

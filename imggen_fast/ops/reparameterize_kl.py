@@ -78,8 +78,10 @@ def _autograd_backward(backward_op: Callable[[], Callable]) -> Callable:
     return backward
 
 
-_cpp_backward = cpp_op(BACKWARD, _backward_fake)
-_cpp_forward = cpp_op(FORWARD, _forward_fake, _autograd_backward(_cpp_backward), _setup_context)
+# The C++ op's autograd is C++ (csrc/cpu/reparameterize_kl.cpp, the Autograd key): the
+# Python path of register_autograd costs more than the kernels at VAE latent sizes.
+cpp_op(BACKWARD, _backward_fake)
+_cpp_forward = cpp_op(FORWARD, _forward_fake)
 _triton_backward = triton_op(NAME, BACKWARD, _backward_fake)
 _triton_forward = triton_op(NAME, FORWARD, _forward_fake, _autograd_backward(_triton_backward), _setup_context)
 
