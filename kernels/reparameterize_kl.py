@@ -18,10 +18,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._triton_utils import AotKernel, dense
+from ._triton_utils import AotKernel, autotune, dense
 
-# Elements per tile and warps per program: fixed (not autotuned), so that the KL's
-# partial sums, and with them its bits, depend on the shape only.
+# Elements per tile and warps per program: one configuration (no tuning), so that the
+# KL's partial sums, and with them its bits, depend on the shape only. The kernels go
+# through `autotune` with that one configuration so that the ahead-of-time compile test
+# finds their launch configuration where it finds everyone's.
 BLOCK = 1024
 NUM_WARPS = 4
 # Elements of one sample per program: the tile starts at the multiple of 4 at or below
@@ -29,6 +31,8 @@ NUM_WARPS = 4
 CHUNK = BLOCK - 4
 # Partial sums per program of the finishing kernel's sweep.
 FINISH_BLOCK = 1024
+SWEEP_CONFIG = [triton.Config({"BLOCK": BLOCK}, num_warps=NUM_WARPS)]
+FINISH_CONFIG = [triton.Config({"BLOCK": FINISH_BLOCK}, num_warps=4)]
 
 
 @triton.jit
@@ -40,11 +44,48 @@ def to_accumulator(values):
 
 
 @triton.jit
+def sin_cos(angle):
+    """sin and cos of ``angle`` in [0, 2 pi): Cephes' polynomials after a reduction by pi/4
+    (as the C++ kernel's AVX2 path). libdevice's sinf/cosf would do, but their slow path
+    for huge arguments keeps an array on the stack, which the no-spill check rejects."""
+    octant = (angle * 1.27323954473516).to(tl.int32)
+    octant = (octant + 1) & ~1
+    octant_float = octant.to(tl.float32)
+    # angle - octant * pi/4, pi/4 in three parts so that the products are exact
+    r = angle - octant_float * 0.78515625
+    r = r - octant_float * 2.4187564849853515625e-4
+    r = r - octant_float * 3.77489497744594108e-8
+    square = r * r
+    sin_r = ((-1.9515295891e-4 * square + 8.3321608736e-3) * square - 1.6666654611e-1) * square * r + r
+    cos_r = (((2.443315711809948e-5 * square - 1.388731625493765e-3) * square + 4.166664568298827e-2) * square
+             * square - 0.5 * square + 1.0)
+    # Quadrants 1 and 3 swap sin and cos; sin is negated in quadrants 2, 3, cos in 1, 2.
+    swap = (octant & 2) != 0
+    sine = tl.where(swap, cos_r, sin_r)
+    cosine = tl.where(swap, sin_r, cos_r)
+    sine = tl.where((octant & 4) != 0, -sine, sine)
+    cosine = tl.where(((octant + 2) & 4) != 0, -cosine, cosine)
+    return sine, cosine
+
+
+@triton.jit
+def pair_uniform_to_normal(u1, u2):
+    """Box-Muller as triton.language.random.pair_uniform_to_normal, sin/cos from ``sin_cos``."""
+    u1 = tl.maximum(1.0e-7, u1)
+    sine, cosine = sin_cos(6.283185307179586 * u2)
+    radius = tl.sqrt(-2.0 * tl.log(u1))
+    return radius * cosine, radius * sine
+
+
+@triton.jit
 def tile_noise(seed_ptr, first_group, GROUPS: tl.constexpr):
-    """The normals of flat indices [4 * first_group, 4 * (first_group + GROUPS)), in order."""
+    """The normals of flat indices [4 * first_group, 4 * (first_group + GROUPS)), in order:
+    ``tl.randn4x(seed, group)`` (Triton's Philox and uniforms, Box-Muller as above)."""
     seed = tl.load(seed_ptr)
     groups = first_group + tl.arange(0, GROUPS).to(tl.int64)
-    n1, n2, n3, n4 = tl.randn4x(seed, groups)
+    u1, u2, u3, u4 = tl.rand4x(seed, groups)
+    n1, n2 = pair_uniform_to_normal(u1, u2)
+    n3, n4 = pair_uniform_to_normal(u3, u4)
     # join(join(n1, n2), join(n3, n4))[g, i, j] is normal 2 * i + j of group g.
     return tl.reshape(tl.join(tl.join(n1, n2), tl.join(n3, n4)), [4 * GROUPS])
 
@@ -61,6 +102,7 @@ def chunk_tile(per_sample, chunks_per_sample, BLOCK: tl.constexpr):
     return program, sample, offsets, (offsets >= begin) & (offsets < end), first_group
 
 
+@autotune(configs=SWEEP_CONFIG, key=["per_sample"])
 @triton.jit
 def reparameterize_kl_forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, z_ptr, partial_ptr, per_sample,
                                      chunks_per_sample, HAS_EPS: tl.constexpr, BLOCK: tl.constexpr):
@@ -77,6 +119,7 @@ def reparameterize_kl_forward_kernel(mu_ptr, logvar_ptr, eps_ptr, seed_ptr, z_pt
     tl.store(partial_ptr + program, tl.sum(terms, axis=0))
 
 
+@autotune(configs=FINISH_CONFIG, key=["count"])
 @triton.jit
 def kl_finish_kernel(partial_ptr, sums_ptr, count, BLOCK: tl.constexpr):
     """sums[p] = partial[p * count] + ... + partial[p * count + count - 1], in a fixed order."""
@@ -89,6 +132,7 @@ def kl_finish_kernel(partial_ptr, sums_ptr, count, BLOCK: tl.constexpr):
     tl.store(sums_ptr + program, tl.sum(total, axis=0))
 
 
+@autotune(configs=SWEEP_CONFIG, key=["per_sample"])
 @triton.jit
 def reparameterize_kl_backward_kernel(grad_z_ptr, kl_grad_ptr, mu_ptr, logvar_ptr, eps_ptr, seed_ptr, grad_mu_ptr,
                                       grad_logvar_ptr, per_sample, chunks_per_sample, kl_grad_stride,
@@ -162,9 +206,9 @@ def reparameterize_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch
         partial = torch.empty(samples * chunks, dtype=sums.dtype, device=mu.device)
         wrap_triton(reparameterize_kl_forward_kernel)[(samples * chunks,)](
             mu, logvar, mu if eps is None else eps, mu if seed is None else seed, z, partial, per_sample, chunks,
-            HAS_EPS=eps is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            HAS_EPS=eps is not None)
         count = chunks if reduction == "none" else samples * chunks
-        wrap_triton(kl_finish_kernel)[(sums.numel(),)](partial, sums, count, BLOCK=FINISH_BLOCK)
+        wrap_triton(kl_finish_kernel)[(sums.numel(),)](partial, sums, count)
     factor = -0.5 * beta * reduction_factor(reduction, samples, per_sample)
     kl = (sums * factor).to(mu.dtype)
     return z, kl if reduction == "none" else kl.reshape(())
@@ -193,8 +237,7 @@ def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tenso
     eps = layout_like(eps, mu) if eps is not None else None
     wrap_triton(reparameterize_kl_backward_kernel)[(samples * chunks,)](
         grad_z, kl_grad, mu, logvar, mu if eps is None else eps, mu if seed is None else seed, grad_mu, grad_logvar,
-        per_sample, chunks, kl_grad_stride, HAS_GRAD_Z=has_grad_z, HAS_EPS=eps is not None or not has_grad_z,
-        BLOCK=BLOCK, num_warps=NUM_WARPS)
+        per_sample, chunks, kl_grad_stride, HAS_GRAD_Z=has_grad_z, HAS_EPS=eps is not None or not has_grad_z)
     return grad_mu, grad_logvar
 
 
@@ -207,11 +250,10 @@ _BACKWARD_SIGNATURE = {"grad_z_ptr": "*{dtype}", "kl_grad_ptr": "*fp32", "mu_ptr
 
 AOT_KERNELS = [
     *(AotKernel(reparameterize_kl_forward_kernel, _FORWARD_SIGNATURE,
-                {"HAS_EPS": has_eps, "BLOCK": BLOCK})
+                {"HAS_EPS": has_eps})
       for has_eps in (True, False)),
     *(AotKernel(reparameterize_kl_backward_kernel, _BACKWARD_SIGNATURE,
-                {"HAS_GRAD_Z": has_grad_z, "HAS_EPS": has_eps, "BLOCK": BLOCK})
+                {"HAS_GRAD_Z": has_grad_z, "HAS_EPS": has_eps})
       for has_grad_z, has_eps in ((True, True), (True, False), (False, True))),
-    AotKernel(kl_finish_kernel, {"partial_ptr": "*fp32", "sums_ptr": "*fp32", "count": "i64"},
-              {"BLOCK": FINISH_BLOCK}, dtypes=("fp32",)),
+    AotKernel(kl_finish_kernel, {"partial_ptr": "*fp32", "sums_ptr": "*fp32", "count": "i64"}, dtypes=("fp32",)),
 ]
