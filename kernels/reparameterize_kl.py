@@ -86,8 +86,9 @@ def tile_noise(seed_ptr, first_group, GROUPS: tl.constexpr):
     u1, u2, u3, u4 = tl.rand4x(seed, groups)
     n1, n2 = pair_uniform_to_normal(u1, u2)
     n3, n4 = pair_uniform_to_normal(u3, u4)
-    # join(join(n1, n2), join(n3, n4))[g, i, j] is normal 2 * i + j of group g.
-    return tl.reshape(tl.join(tl.join(n1, n2), tl.join(n3, n4)), [4 * GROUPS])
+    # join(a, b) stacks along a new last dim, so join(join(n1, n3), join(n2, n4))[g, j, i]
+    # is normal 2 * j + i of group g: row-major, the four normals of each group in order.
+    return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), [4 * GROUPS])
 
 
 @triton.jit
