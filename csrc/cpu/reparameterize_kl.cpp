@@ -179,54 +179,72 @@ struct PhiloxKeys {
   }
 };
 
-// The normals of groups [first_group, first_group + 8) in memory order (math::randn4x on 8 lanes).
-inline void normals_batch(const PhiloxKeys& keys, uint64_t first_group, float* out) {
-  alignas(32) uint32_t low[kGroupsPerBatch];
-  alignas(32) uint32_t high[kGroupsPerBatch];
-  for (int64_t lane = 0; lane < kGroupsPerBatch; ++lane) {
-    const uint64_t group = first_group + static_cast<uint64_t>(lane);
-    low[lane] = static_cast<uint32_t>(group);
-    high[lane] = static_cast<uint32_t>(group >> 32);
+// The normals of groups [first_group, first_group + 8 * kBatches) in memory order
+// (math::randn4x on 8 lanes). kBatches independent batches are interleaved: each
+// Philox round and each polynomial is a chain of dependent instructions, and two
+// chains side by side keep the vector units busier than one.
+template <int kBatches>
+inline void normals_batches(const PhiloxKeys& keys, uint64_t first_group, float* out) {
+  __m256i c0[kBatches], c1[kBatches], c2[kBatches], c3[kBatches];
+  for (int batch = 0; batch < kBatches; ++batch) {
+    alignas(32) uint32_t low[kGroupsPerBatch];
+    alignas(32) uint32_t high[kGroupsPerBatch];
+    for (int64_t lane = 0; lane < kGroupsPerBatch; ++lane) {
+      const uint64_t group = first_group + static_cast<uint64_t>(batch * kGroupsPerBatch + lane);
+      low[lane] = static_cast<uint32_t>(group);
+      high[lane] = static_cast<uint32_t>(group >> 32);
+    }
+    c0[batch] = _mm256_load_si256(reinterpret_cast<const __m256i*>(low));
+    c1[batch] = _mm256_load_si256(reinterpret_cast<const __m256i*>(high));
+    c2[batch] = _mm256_setzero_si256();
+    c3[batch] = _mm256_setzero_si256();
   }
-  __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(low));
-  __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(high));
-  __m256i c2 = _mm256_setzero_si256();
-  __m256i c3 = _mm256_setzero_si256();
   const __m256i round_a = _mm256_set1_epi32(static_cast<int32_t>(math::kPhiloxRoundA));
   const __m256i round_b = _mm256_set1_epi32(static_cast<int32_t>(math::kPhiloxRoundB));
   for (int round = 0; round < math::kPhiloxRounds; ++round) {
-    __m256i high_b, low_b, high_a, low_a;
-    multiply_high_low(round_b, c2, high_b, low_b);
-    multiply_high_low(round_a, c0, high_a, low_a);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(high_b, c1), keys.k0[round]);
-    c2 = _mm256_xor_si256(_mm256_xor_si256(high_a, c3), keys.k1[round]);
-    c1 = low_b;
-    c3 = low_a;
+    for (int batch = 0; batch < kBatches; ++batch) {
+      __m256i high_b, low_b, high_a, low_a;
+      multiply_high_low(round_b, c2[batch], high_b, low_b);
+      multiply_high_low(round_a, c0[batch], high_a, low_a);
+      c0[batch] = _mm256_xor_si256(_mm256_xor_si256(high_b, c1[batch]), keys.k0[round]);
+      c2[batch] = _mm256_xor_si256(_mm256_xor_si256(high_a, c3[batch]), keys.k1[round]);
+      c1[batch] = low_b;
+      c3[batch] = low_a;
+    }
   }
-  __m256 normal[4];
-  const __m256i bits[4] = {c0, c1, c2, c3};
+  __m256 normal[kBatches][4];
   for (int pair = 0; pair < 2; ++pair) {
-    const __m256 u1 = _mm256_max_ps(uniform_from_bits(bits[2 * pair]), _mm256_set1_ps(math::kUniformFloor));
-    const __m256 angle = _mm256_mul_ps(_mm256_set1_ps(math::kTwoPi), uniform_from_bits(bits[2 * pair + 1]));
-    const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_positive(u1)));
-    __m256 sine, cosine;
-    sincos_nonnegative(angle, sine, cosine);
-    normal[2 * pair] = _mm256_mul_ps(radius, cosine);
-    normal[2 * pair + 1] = _mm256_mul_ps(radius, sine);
+    __m256 radius[kBatches], angle[kBatches];
+    for (int batch = 0; batch < kBatches; ++batch) {
+      const __m256i first_bits = pair == 0 ? c0[batch] : c2[batch];
+      const __m256i second_bits = pair == 0 ? c1[batch] : c3[batch];
+      const __m256 u1 = _mm256_max_ps(uniform_from_bits(first_bits), _mm256_set1_ps(math::kUniformFloor));
+      angle[batch] = _mm256_mul_ps(_mm256_set1_ps(math::kTwoPi), uniform_from_bits(second_bits));
+      radius[batch] = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_positive(u1)));
+    }
+    for (int batch = 0; batch < kBatches; ++batch) {
+      __m256 sine, cosine;
+      sincos_nonnegative(angle[batch], sine, cosine);
+      normal[batch][2 * pair] = _mm256_mul_ps(radius[batch], cosine);
+      normal[batch][2 * pair + 1] = _mm256_mul_ps(radius[batch], sine);
+    }
   }
-  // 4 x 8 transpose: normal[k][g] goes to out[4 * g + k].
-  const __m256 t0 = _mm256_unpacklo_ps(normal[0], normal[1]);
-  const __m256 t1 = _mm256_unpackhi_ps(normal[0], normal[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(normal[2], normal[3]);
-  const __m256 t3 = _mm256_unpackhi_ps(normal[2], normal[3]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44);
-  const __m256 u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44);
-  const __m256 u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  _mm256_storeu_ps(out, _mm256_permute2f128_ps(u0, u1, 0x20));
-  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
-  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
-  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+  // 4 x 8 transposes: normal[k][g] goes to out[4 * g + k].
+  for (int batch = 0; batch < kBatches; ++batch) {
+    float* batch_out = out + batch * kNormalsPerBatch;
+    const __m256 t0 = _mm256_unpacklo_ps(normal[batch][0], normal[batch][1]);
+    const __m256 t1 = _mm256_unpackhi_ps(normal[batch][0], normal[batch][1]);
+    const __m256 t2 = _mm256_unpacklo_ps(normal[batch][2], normal[batch][3]);
+    const __m256 t3 = _mm256_unpackhi_ps(normal[batch][2], normal[batch][3]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44);
+    const __m256 u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44);
+    const __m256 u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    _mm256_storeu_ps(batch_out, _mm256_permute2f128_ps(u0, u1, 0x20));
+    _mm256_storeu_ps(batch_out + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+    _mm256_storeu_ps(batch_out + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+    _mm256_storeu_ps(batch_out + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+  }
 }
 
 }  // namespace avx2
@@ -266,8 +284,13 @@ class NoiseBuffer {
     const int64_t groups = (skipped + count + math::kNormalsPerGroup - 1) / math::kNormalsPerGroup;
     int64_t group = 0;
 #if defined(__AVX2__) && defined(__FMA__)
+    for (; group + 2 * kGroupsPerBatch <= groups; group += 2 * kGroupsPerBatch) {
+      avx2::normals_batches<2>(keys_, static_cast<uint64_t>(first_group + group),
+                               values_ + group * math::kNormalsPerGroup);
+    }
     for (; group + kGroupsPerBatch <= groups; group += kGroupsPerBatch) {
-      avx2::normals_batch(keys_, static_cast<uint64_t>(first_group + group), values_ + group * math::kNormalsPerGroup);
+      avx2::normals_batches<1>(keys_, static_cast<uint64_t>(first_group + group),
+                               values_ + group * math::kNormalsPerGroup);
     }
 #endif
     for (; group < groups; ++group) {
@@ -302,18 +325,20 @@ inline at::vec::Vectorized<acc_t> load_noise(const float* noise) {
   }
 }
 
-// An uninitialized tensor like `layout` for the kernel to write once. Outputs of 32 MiB
-// and more are fresh mmaps (glibc serves every allocation that large with one) that the
-// sweep touches first: they are advised onto transparent huge pages before that touch,
-// which cuts the page faults from one per 4 KiB to one per 2 MiB (on the development
-// VM a 64 MiB output otherwise costs more in faults than the sweep that fills it).
-// The advice is only a hint: where huge pages are off it does nothing.
+// Outputs of this size and more are fresh mmaps (glibc serves every allocation that
+// large with one) that no cache holds.
+constexpr size_t kLargeOutputBytes = size_t{32} << 20;
+
+// An uninitialized tensor like `layout` for the kernel to write once. A large output is
+// advised onto transparent huge pages before the sweep touches it first, which cuts
+// the page faults from one per 4 KiB to one per 2 MiB (on the development VM a 64 MiB
+// output otherwise costs more in faults than the sweep that fills it). The advice is
+// only a hint: where huge pages are off it does nothing.
 at::Tensor empty_output_like(const at::Tensor& layout) {
   at::Tensor output = at::empty_like(layout);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  constexpr size_t kAdviseFrom = size_t{32} << 20;
-  if (output.nbytes() >= kAdviseFrom) {
+  if (output.nbytes() >= kLargeOutputBytes) {
     const uintptr_t start = reinterpret_cast<uintptr_t>(output.data_ptr());
     const uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
     const uintptr_t last = (start + output.nbytes()) & ~(kHugePage - 1);
@@ -323,6 +348,31 @@ at::Tensor empty_output_like(const at::Tensor& layout) {
   }
 #endif
   return output;
+}
+
+// Stores an output vector; a large output (`stream`) is written with non-temporal
+// stores where the address allows, skipping the read-for-ownership of each cache line
+// (a third of the memory traffic of a plain write).
+template <typename scalar_t>
+inline void store_output(scalar_t* data, const AccVec<scalar_t>& values, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stream && reinterpret_cast<uintptr_t>(data) % 32 == 0) {
+      _mm256_stream_ps(data, values);
+      return;
+    }
+  }
+#endif
+  store_acc(data, values);
+}
+
+// Orders a thread's non-temporal stores before whatever reads the output next.
+inline void finish_output(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) {
+    _mm_sfence();
+  }
+#endif
 }
 
 // How a batch of `samples` samples of `per_sample` elements each (contiguous in memory,
@@ -353,7 +403,7 @@ struct Segments {
 
 template <typename scalar_t, bool kHasEps>
 void forward_sweep(const Segments& segments, const scalar_t* mu, const scalar_t* logvar, const scalar_t* eps,
-                   uint64_t seed, scalar_t* z, acc_type<scalar_t>* segment_sums) {
+                   uint64_t seed, scalar_t* z, bool stream, acc_type<scalar_t>* segment_sums) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   at::parallel_for(0, segments.count(), segments.grain(), [&](int64_t first_segment, int64_t last_segment) {
@@ -377,7 +427,7 @@ void forward_sweep(const Segments& segments, const scalar_t* mu, const scalar_t*
           const Vec logvar_values = load_acc(logvar + i);
           const Vec noise_values = kHasEps ? load_acc(eps + i) : load_noise<acc_t>(noise + (i - piece));
           const Vec std_values = vector_exp<acc_t>(half * logvar_values);
-          store_acc(z + i, at::vec::fmadd(noise_values, std_values, mu_values));
+          store_output(z + i, at::vec::fmadd(noise_values, std_values, mu_values), stream);
           vector_sum += one + logvar_values - mu_values * mu_values - std_values * std_values;
         }
         for (; i < piece_end; ++i) {
@@ -392,6 +442,7 @@ void forward_sweep(const Segments& segments, const scalar_t* mu, const scalar_t*
       segment_sums[segment] =
           at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vector_sum) + tail_sum;
     }
+    finish_output(stream);
   });
 }
 
@@ -399,7 +450,7 @@ template <typename scalar_t, bool kHasEps, bool kHasGradZ>
 void backward_sweep(const Segments& segments, const scalar_t* grad_z, const scalar_t* grad_kl,
                     int64_t grad_kl_stride, acc_type<scalar_t> kl_grad_factor, const scalar_t* mu,
                     const scalar_t* logvar, const scalar_t* eps, uint64_t seed, scalar_t* grad_mu,
-                    scalar_t* grad_logvar) {
+                    scalar_t* grad_logvar, bool stream) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   at::parallel_for(0, segments.count(), segments.grain(), [&](int64_t first_segment, int64_t last_segment) {
@@ -433,8 +484,8 @@ void backward_sweep(const Segments& segments, const scalar_t* grad_z, const scal
             grad_mu_values += grad_z_values;
             grad_logvar_values = at::vec::fmadd(grad_z_values * noise_values, std_values, grad_logvar_values);
           }
-          store_acc(grad_mu + i, grad_mu_values);
-          store_acc(grad_logvar + i, half * grad_logvar_values);
+          store_output(grad_mu + i, grad_mu_values, stream);
+          store_output(grad_logvar + i, half * grad_logvar_values, stream);
         }
         for (; i < piece_end; ++i) {
           const acc_t mu_value = static_cast<acc_t>(mu[i]);
@@ -452,6 +503,7 @@ void backward_sweep(const Segments& segments, const scalar_t* grad_z, const scal
         }
       }
     }
+    finish_output(stream);
   });
 }
 
@@ -477,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward(const at::Tensor& m
       (has_eps ? forward_sweep<scalar_t, true> : forward_sweep<scalar_t, false>)(
           segments, operands.mu.const_data_ptr<scalar_t>(), operands.logvar.const_data_ptr<scalar_t>(),
           has_eps ? operands.eps.const_data_ptr<scalar_t>() : nullptr, seed_value, z.mutable_data_ptr<scalar_t>(),
-          segment_sums.data());
+          z.nbytes() >= kLargeOutputBytes, segment_sums.data());
     }
     // Per-sample KL = -0.5 * beta * (its segment sums, in order); then the samples in order.
     const acc_t per_sample_factor = static_cast<acc_t>(-0.5 * beta);
@@ -541,7 +593,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
     sweep(segments, has_grad_z ? grad_z_dense.const_data_ptr<scalar_t>() : nullptr, grad_kl_data, grad_kl_stride,
           kl_grad_factor, operands.mu.const_data_ptr<scalar_t>(), operands.logvar.const_data_ptr<scalar_t>(),
           operands.eps.defined() ? operands.eps.const_data_ptr<scalar_t>() : nullptr, seed_value,
-          grad_mu.mutable_data_ptr<scalar_t>(), grad_logvar.mutable_data_ptr<scalar_t>());
+          grad_mu.mutable_data_ptr<scalar_t>(), grad_logvar.mutable_data_ptr<scalar_t>(),
+          grad_mu.nbytes() >= kLargeOutputBytes);
   });
   return {grad_mu, grad_logvar};
 }
