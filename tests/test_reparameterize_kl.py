@@ -165,6 +165,15 @@ def test_gradient_of_one_output(backend, used):
         assert_close(grad, expected_grad)
 
 
+def test_large_outputs_match_reference():
+    """Outputs of 32 MiB and more take another path (huge pages, non-temporal stores where
+    aligned); odd rows mix aligned and unaligned stores."""
+    shape = (129, 65537)
+    mu, logvar, eps, grad_z = (t.float() for t in make_inputs(shape, torch.float64))
+    results = fused_results(mu, logvar, eps, grad_z, 0.5, "none")
+    check_against_reference(results, reference_results(mu, logvar, eps, grad_z, 0.5, "none"), torch.float32)
+
+
 def test_auto_uses_cpp_on_cpu():
     with imggen_fast.set_backend("auto"):
         assert ops.IMPLEMENTATIONS.backend_for(torch.device("cpu")) == "cpp"
