@@ -136,6 +136,9 @@ IMGGEN_FAST_HOST_DEVICE acc_t grad_logvar(acc_t grad_z, acc_t kl_grad, acc_t eps
 // reduction, and the batch-major layout the kernels sweep.
 namespace imggen_fast::reparameterize_kl {
 
+constexpr const char* kForwardName = "reparameterize_kl_forward";
+constexpr const char* kBackwardName = "reparameterize_kl_backward";
+
 enum class Reduction { kBatchMean, kSum, kMean, kNone };
 
 inline Reduction parse_reduction(c10::string_view reduction) {
@@ -178,7 +181,8 @@ inline at::Tensor batch_major(const at::Tensor& tensor) {
 struct Operands {
   at::Tensor mu;
   at::Tensor logvar;
-  at::Tensor eps;  // undefined when the noise comes from the seed
+  at::Tensor eps;     // undefined when the noise comes from the seed
+  at::Tensor grad_z;  // backward only; undefined when z was not used
   int64_t samples;
   int64_t per_sample;
 };
@@ -213,6 +217,26 @@ inline void check_grad_kl(const char* op, const at::Tensor& grad_kl, Reduction r
               ": grad_kl must have shape ", per_sample ? "(batch,)" : "()", ", got ", grad_kl.sizes());
   TORCH_CHECK(grad_kl.scalar_type() == mu.scalar_type() && grad_kl.device() == mu.device(), op,
               ": grad_kl must have mu's dtype and device");
+}
+
+// The operands of a backward call. Without grad_z the noise is not needed, so neither
+// eps nor the seed is read.
+inline Operands backward_operands(const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_kl,
+                                  const at::Tensor& mu, const at::Tensor& logvar,
+                                  const c10::optional<at::Tensor>& eps, const c10::optional<at::Tensor>& seed,
+                                  Reduction reduction) {
+  Operands operands = batch_major_operands(kBackwardName, mu, logvar, grad_z.has_value() ? eps : c10::nullopt);
+  if (grad_z.has_value()) {
+    check_same_shape_and_dtype(kBackwardName, *grad_z, "grad_z", mu, "mu");
+    operands.grad_z = in_layout_of(*grad_z, operands.mu);
+    if (!operands.eps.defined()) {
+      check_seed(kBackwardName, seed, mu);
+    }
+  }
+  if (grad_kl.has_value()) {
+    check_grad_kl(kBackwardName, *grad_kl, reduction, mu);
+  }
+  return operands;
 }
 
 }  // namespace imggen_fast::reparameterize_kl

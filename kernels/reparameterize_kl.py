@@ -25,7 +25,7 @@ from ._triton_utils import AotKernel, autotune, dense
 # through `autotune` with that one configuration so that the ahead-of-time compile test
 # finds their launch configuration where it finds everyone's.
 BLOCK = 1024
-NUM_WARPS = 4
+NUM_WARPS = 8
 # Elements of one sample per program: the tile starts at the multiple of 4 at or below
 # the chunk's first element, so up to 3 of its lanes precede the chunk.
 CHUNK = BLOCK - 4

@@ -31,16 +31,7 @@
 namespace imggen_fast::cpu {
 namespace {
 
-using reparameterize_kl::batch_major_operands;
-using reparameterize_kl::check_grad_kl;
-using reparameterize_kl::check_seed;
-using reparameterize_kl::Operands;
-using reparameterize_kl::parse_reduction;
-using reparameterize_kl::Reduction;
-using reparameterize_kl::reduction_factor;
-
-constexpr const char* kForwardName = "reparameterize_kl_forward";
-constexpr const char* kBackwardName = "reparameterize_kl_backward";
+using namespace reparameterize_kl;  // the host helpers shared with the other device's kernels
 
 // Elements per reduction segment: one sample's elements are summed in segments of this
 // many, so a large sample still spreads over both cores.
@@ -401,48 +392,63 @@ struct Segments {
   int64_t grain() const { return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, length)); }
 };
 
+// Runs body(segment, begin, end, noise_buffer) for every segment, the segments spread
+// over the threads in contiguous runs, each thread with its own noise buffer.
+template <typename SegmentBody>
+void for_each_segment(const Segments& segments, uint64_t seed, bool stream, const SegmentBody& body) {
+  at::parallel_for(0, segments.count(), segments.grain(), [&](int64_t first_segment, int64_t last_segment) {
+    NoiseBuffer noise_buffer(seed);
+    for (int64_t segment = first_segment; segment < last_segment; ++segment) {
+      body(segment, segments.begin(segment), segments.end(segment), noise_buffer);
+    }
+    finish_output(stream);
+  });
+}
+
+// Runs body(piece, piece_end, noise) over [begin, end) in pieces of kNoisePiece, `noise`
+// holding the normals of the piece when kNeedsNoise (else null). kNoisePiece is a
+// multiple of the vector width, so a vector loop over the pieces visits the lanes as
+// one loop over [begin, end) would.
+template <bool kNeedsNoise, typename PieceBody>
+void for_each_piece(int64_t begin, int64_t end, NoiseBuffer& noise_buffer, const PieceBody& body) {
+  for (int64_t piece = begin; piece < end; piece += kNoisePiece) {
+    const int64_t piece_end = std::min(piece + kNoisePiece, end);
+    const float* noise = kNeedsNoise ? noise_buffer.fill(piece, piece_end - piece) : nullptr;
+    body(piece, piece_end, noise);
+  }
+}
+
 template <typename scalar_t, bool kHasEps>
 void forward_sweep(const Segments& segments, const scalar_t* mu, const scalar_t* logvar, const scalar_t* eps,
                    uint64_t seed, scalar_t* z, bool stream, acc_type<scalar_t>* segment_sums) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
-  at::parallel_for(0, segments.count(), segments.grain(), [&](int64_t first_segment, int64_t last_segment) {
-    NoiseBuffer noise_buffer(seed);
-    const Vec half(acc_t(0.5));
-    const Vec one(acc_t(1));
-    for (int64_t segment = first_segment; segment < last_segment; ++segment) {
-      const int64_t begin = segments.begin(segment);
-      const int64_t end = segments.end(segment);
-      Vec vector_sum(acc_t(0));
-      acc_t tail_sum = 0;
-      for (int64_t piece = begin; piece < end; piece += kNoisePiece) {
-        const int64_t piece_end = std::min(piece + kNoisePiece, end);
-        const float* noise = nullptr;
-        if constexpr (!kHasEps) {
-          noise = noise_buffer.fill(piece, piece_end - piece);
-        }
-        int64_t i = piece;
-        for (; i + Vec::size() <= piece_end; i += Vec::size()) {
-          const Vec mu_values = load_acc(mu + i);
-          const Vec logvar_values = load_acc(logvar + i);
-          const Vec noise_values = kHasEps ? load_acc(eps + i) : load_noise<acc_t>(noise + (i - piece));
-          const Vec std_values = vector_exp<acc_t>(half * logvar_values);
-          store_output(z + i, at::vec::fmadd(noise_values, std_values, mu_values), stream);
-          vector_sum += one + logvar_values - mu_values * mu_values - std_values * std_values;
-        }
-        for (; i < piece_end; ++i) {
-          const acc_t mu_value = static_cast<acc_t>(mu[i]);
-          const acc_t logvar_value = static_cast<acc_t>(logvar[i]);
-          const acc_t noise_value = kHasEps ? static_cast<acc_t>(eps[i]) : static_cast<acc_t>(noise[i - piece]);
-          const acc_t std_value = std::exp(acc_t(0.5) * logvar_value);
-          z[i] = static_cast<scalar_t>(math::reparameterize<acc_t>(mu_value, noise_value, std_value));
-          tail_sum += math::kl_term<acc_t>(mu_value, logvar_value, std_value);
-        }
+  const Vec half(acc_t(0.5));
+  const Vec one(acc_t(1));
+  for_each_segment(segments, seed, stream, [&](int64_t segment, int64_t begin, int64_t end, NoiseBuffer& buffer) {
+    Vec vector_sum(acc_t(0));
+    acc_t tail_sum = 0;
+    for_each_piece<!kHasEps>(begin, end, buffer, [&](int64_t piece, int64_t piece_end, const float* noise) {
+      int64_t i = piece;
+      for (; i + Vec::size() <= piece_end; i += Vec::size()) {
+        const Vec mu_values = load_acc(mu + i);
+        const Vec logvar_values = load_acc(logvar + i);
+        const Vec noise_values = kHasEps ? load_acc(eps + i) : load_noise<acc_t>(noise + (i - piece));
+        const Vec std_values = vector_exp<acc_t>(half * logvar_values);
+        store_output(z + i, at::vec::fmadd(noise_values, std_values, mu_values), stream);
+        vector_sum += one + logvar_values - mu_values * mu_values - std_values * std_values;
       }
-      segment_sums[segment] =
-          at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vector_sum) + tail_sum;
-    }
-    finish_output(stream);
+      for (; i < piece_end; ++i) {
+        const acc_t mu_value = static_cast<acc_t>(mu[i]);
+        const acc_t logvar_value = static_cast<acc_t>(logvar[i]);
+        const acc_t noise_value = kHasEps ? static_cast<acc_t>(eps[i]) : static_cast<acc_t>(noise[i - piece]);
+        const acc_t std_value = std::exp(acc_t(0.5) * logvar_value);
+        z[i] = static_cast<scalar_t>(math::reparameterize<acc_t>(mu_value, noise_value, std_value));
+        tail_sum += math::kl_term<acc_t>(mu_value, logvar_value, std_value);
+      }
+    });
+    segment_sums[segment] =
+        at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vector_sum) + tail_sum;
   });
 }
 
@@ -453,57 +459,46 @@ void backward_sweep(const Segments& segments, const scalar_t* grad_z, const scal
                     scalar_t* grad_logvar, bool stream) {
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
-  at::parallel_for(0, segments.count(), segments.grain(), [&](int64_t first_segment, int64_t last_segment) {
-    NoiseBuffer noise_buffer(seed);
-    const Vec half(acc_t(0.5));
-    const Vec one(acc_t(1));
-    for (int64_t segment = first_segment; segment < last_segment; ++segment) {
-      const int64_t begin = segments.begin(segment);
-      const int64_t end = segments.end(segment);
-      const acc_t kl_grad =
-          grad_kl == nullptr
-              ? acc_t(0)
-              : static_cast<acc_t>(grad_kl[segments.sample(segment) * grad_kl_stride]) * kl_grad_factor;
-      const Vec kl_grad_values(kl_grad);
-      for (int64_t piece = begin; piece < end; piece += kNoisePiece) {
-        const int64_t piece_end = std::min(piece + kNoisePiece, end);
-        const float* noise = nullptr;
-        if constexpr (kHasGradZ && !kHasEps) {
-          noise = noise_buffer.fill(piece, piece_end - piece);
+  const Vec half(acc_t(0.5));
+  const Vec one(acc_t(1));
+  for_each_segment(segments, seed, stream, [&](int64_t segment, int64_t begin, int64_t end, NoiseBuffer& buffer) {
+    const acc_t kl_grad =
+        grad_kl == nullptr ? acc_t(0)
+                           : static_cast<acc_t>(grad_kl[segments.sample(segment) * grad_kl_stride]) * kl_grad_factor;
+    const Vec kl_grad_values(kl_grad);
+    for_each_piece<kHasGradZ && !kHasEps>(begin, end, buffer, [&](int64_t piece, int64_t piece_end,
+                                                                   const float* noise) {
+      int64_t i = piece;
+      for (; i + Vec::size() <= piece_end; i += Vec::size()) {
+        const Vec mu_values = load_acc(mu + i);
+        const Vec logvar_values = load_acc(logvar + i);
+        const Vec std_values = vector_exp<acc_t>(half * logvar_values);
+        Vec grad_mu_values = kl_grad_values * mu_values;
+        Vec grad_logvar_values = kl_grad_values * (std_values * std_values - one);
+        if constexpr (kHasGradZ) {
+          const Vec grad_z_values = load_acc(grad_z + i);
+          const Vec noise_values = kHasEps ? load_acc(eps + i) : load_noise<acc_t>(noise + (i - piece));
+          grad_mu_values += grad_z_values;
+          grad_logvar_values = at::vec::fmadd(grad_z_values * noise_values, std_values, grad_logvar_values);
         }
-        int64_t i = piece;
-        for (; i + Vec::size() <= piece_end; i += Vec::size()) {
-          const Vec mu_values = load_acc(mu + i);
-          const Vec logvar_values = load_acc(logvar + i);
-          const Vec std_values = vector_exp<acc_t>(half * logvar_values);
-          Vec grad_mu_values = kl_grad_values * mu_values;
-          Vec grad_logvar_values = kl_grad_values * (std_values * std_values - one);
-          if constexpr (kHasGradZ) {
-            const Vec grad_z_values = load_acc(grad_z + i);
-            const Vec noise_values = kHasEps ? load_acc(eps + i) : load_noise<acc_t>(noise + (i - piece));
-            grad_mu_values += grad_z_values;
-            grad_logvar_values = at::vec::fmadd(grad_z_values * noise_values, std_values, grad_logvar_values);
-          }
-          store_output(grad_mu + i, grad_mu_values, stream);
-          store_output(grad_logvar + i, half * grad_logvar_values, stream);
-        }
-        for (; i < piece_end; ++i) {
-          const acc_t mu_value = static_cast<acc_t>(mu[i]);
-          const acc_t logvar_value = static_cast<acc_t>(logvar[i]);
-          const acc_t std_value = std::exp(acc_t(0.5) * logvar_value);
-          acc_t grad_z_value = 0;
-          acc_t noise_value = 0;
-          if constexpr (kHasGradZ) {
-            grad_z_value = static_cast<acc_t>(grad_z[i]);
-            noise_value = kHasEps ? static_cast<acc_t>(eps[i]) : static_cast<acc_t>(noise[i - piece]);
-          }
-          grad_mu[i] = static_cast<scalar_t>(math::grad_mu<acc_t>(grad_z_value, kl_grad, mu_value));
-          grad_logvar[i] =
-              static_cast<scalar_t>(math::grad_logvar<acc_t>(grad_z_value, kl_grad, noise_value, std_value));
-        }
+        store_output(grad_mu + i, grad_mu_values, stream);
+        store_output(grad_logvar + i, half * grad_logvar_values, stream);
       }
-    }
-    finish_output(stream);
+      for (; i < piece_end; ++i) {
+        const acc_t mu_value = static_cast<acc_t>(mu[i]);
+        const acc_t logvar_value = static_cast<acc_t>(logvar[i]);
+        const acc_t std_value = std::exp(acc_t(0.5) * logvar_value);
+        acc_t grad_z_value = 0;
+        acc_t noise_value = 0;
+        if constexpr (kHasGradZ) {
+          grad_z_value = static_cast<acc_t>(grad_z[i]);
+          noise_value = kHasEps ? static_cast<acc_t>(eps[i]) : static_cast<acc_t>(noise[i - piece]);
+        }
+        grad_mu[i] = static_cast<scalar_t>(math::grad_mu<acc_t>(grad_z_value, kl_grad, mu_value));
+        grad_logvar[i] =
+            static_cast<scalar_t>(math::grad_logvar<acc_t>(grad_z_value, kl_grad, noise_value, std_value));
+      }
+    });
   });
 }
 
@@ -559,22 +554,10 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
     const at::Tensor& logvar, const c10::optional<at::Tensor>& eps, const c10::optional<at::Tensor>& seed,
     double beta, c10::string_view reduction_name) {
   const Reduction reduction = parse_reduction(reduction_name);
-  // The noise is needed only with grad_z: without it, neither eps nor the seed is read.
-  const bool has_grad_z = grad_z.has_value();
-  const Operands operands = batch_major_operands(kBackwardName, mu, logvar, has_grad_z ? eps : c10::nullopt);
-  at::Tensor grad_z_dense;
-  uint64_t seed_value = 0;
-  if (has_grad_z) {
-    check_same_shape_and_dtype(kBackwardName, *grad_z, "grad_z", mu, "mu");
-    grad_z_dense = in_layout_of(*grad_z, operands.mu);
-    if (!operands.eps.defined()) {
-      check_seed(kBackwardName, seed, mu);
-      seed_value = static_cast<uint64_t>(seed->const_data_ptr<int64_t>()[0]);
-    }
-  }
-  if (grad_kl.has_value()) {
-    check_grad_kl(kBackwardName, *grad_kl, reduction, mu);
-  }
+  const Operands operands = backward_operands(grad_z, grad_kl, mu, logvar, eps, seed, reduction);
+  const bool has_grad_z = operands.grad_z.defined();
+  const uint64_t seed_value =
+      has_grad_z && !operands.eps.defined() ? static_cast<uint64_t>(seed->const_data_ptr<int64_t>()[0]) : 0;
   at::Tensor grad_mu = empty_output_like(operands.mu);
   at::Tensor grad_logvar = empty_output_like(operands.mu);
   if (operands.per_sample == 0) {
@@ -590,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
     auto sweep = !has_grad_z               ? backward_sweep<scalar_t, true, false>
                  : operands.eps.defined() ? backward_sweep<scalar_t, true, true>
                                           : backward_sweep<scalar_t, false, true>;
-    sweep(segments, has_grad_z ? grad_z_dense.const_data_ptr<scalar_t>() : nullptr, grad_kl_data, grad_kl_stride,
+    sweep(segments, has_grad_z ? operands.grad_z.const_data_ptr<scalar_t>() : nullptr, grad_kl_data, grad_kl_stride,
           kl_grad_factor, operands.mu.const_data_ptr<scalar_t>(), operands.logvar.const_data_ptr<scalar_t>(),
           operands.eps.defined() ? operands.eps.const_data_ptr<scalar_t>() : nullptr, seed_value,
           grad_mu.mutable_data_ptr<scalar_t>(), grad_logvar.mutable_data_ptr<scalar_t>(),

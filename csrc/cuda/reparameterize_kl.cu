@@ -23,16 +23,7 @@
 namespace imggen_fast::cuda {
 namespace {
 
-using reparameterize_kl::batch_major_operands;
-using reparameterize_kl::check_grad_kl;
-using reparameterize_kl::check_seed;
-using reparameterize_kl::Operands;
-using reparameterize_kl::parse_reduction;
-using reparameterize_kl::Reduction;
-using reparameterize_kl::reduction_factor;
-
-constexpr const char* kForwardName = "reparameterize_kl_forward";
-constexpr const char* kBackwardName = "reparameterize_kl_backward";
+using namespace reparameterize_kl;  // the host helpers shared with the other device's kernels
 
 // Elements of one sample per block: 16 per thread.
 constexpr int64_t kChunk = 16 * kThreadsPerBlock;
@@ -76,6 +67,25 @@ __device__ Chunk block_chunk(int64_t per_sample, int64_t chunks_per_sample) {
   return chunk;
 }
 
+// Runs element(i, noise) for every flat index i of the chunk; the thread takes whole
+// 4-element groups (one Philox call each when kNeedsNoise, else noise is 0).
+template <bool kNeedsNoise, typename Element>
+__device__ void for_each_chunk_element(const Chunk& chunk, uint64_t seed, const Element& element) {
+  for (int64_t group = chunk.begin / math::kNormalsPerGroup + threadIdx.x;
+       group * math::kNormalsPerGroup < chunk.end; group += kThreadsPerBlock) {
+    math::Normals4 normals{};
+    if (kNeedsNoise) {
+      normals = math::randn4x(seed, static_cast<uint64_t>(group));
+    }
+    for (int k = 0; k < math::kNormalsPerGroup; ++k) {
+      const int64_t i = group * math::kNormalsPerGroup + k;
+      if (i >= chunk.begin && i < chunk.end) {
+        element(i, normals.values[k]);
+      }
+    }
+  }
+}
+
 template <typename scalar_t, bool kHasEps>
 __global__ void reparameterize_kl_forward_kernel(const scalar_t* __restrict__ mu, const scalar_t* __restrict__ logvar,
                                                  const scalar_t* __restrict__ eps, const int64_t* __restrict__ seed,
@@ -85,25 +95,14 @@ __global__ void reparameterize_kl_forward_kernel(const scalar_t* __restrict__ mu
   const Chunk chunk = block_chunk(per_sample, chunks_per_sample);
   const uint64_t seed_value = kHasEps ? 0 : static_cast<uint64_t>(*seed);
   acc_t terms = 0;
-  for (int64_t group = chunk.begin / math::kNormalsPerGroup + threadIdx.x;
-       group * math::kNormalsPerGroup < chunk.end; group += kThreadsPerBlock) {
-    math::Normals4 normals{};
-    if (!kHasEps) {
-      normals = math::randn4x(seed_value, static_cast<uint64_t>(group));
-    }
-    for (int k = 0; k < math::kNormalsPerGroup; ++k) {
-      const int64_t i = group * math::kNormalsPerGroup + k;
-      if (i < chunk.begin || i >= chunk.end) {
-        continue;
-      }
-      const acc_t mu_value = static_cast<acc_t>(mu[i]);
-      const acc_t logvar_value = static_cast<acc_t>(logvar[i]);
-      const acc_t noise = kHasEps ? static_cast<acc_t>(eps[i]) : static_cast<acc_t>(normals.values[k]);
-      const acc_t std_value = exp(acc_t(0.5) * logvar_value);
-      z[i] = static_cast<scalar_t>(math::reparameterize<acc_t>(mu_value, noise, std_value));
-      terms += math::kl_term<acc_t>(mu_value, logvar_value, std_value);
-    }
-  }
+  for_each_chunk_element<!kHasEps>(chunk, seed_value, [&](int64_t i, float normal) {
+    const acc_t mu_value = static_cast<acc_t>(mu[i]);
+    const acc_t logvar_value = static_cast<acc_t>(logvar[i]);
+    const acc_t noise = kHasEps ? static_cast<acc_t>(eps[i]) : static_cast<acc_t>(normal);
+    const acc_t std_value = exp(acc_t(0.5) * logvar_value);
+    z[i] = static_cast<scalar_t>(math::reparameterize<acc_t>(mu_value, noise, std_value));
+    terms += math::kl_term<acc_t>(mu_value, logvar_value, std_value);
+  });
   const acc_t total = block_sum(terms);
   if (threadIdx.x == 0) {
     partial[blockIdx.x] = total;
@@ -137,29 +136,18 @@ __global__ void reparameterize_kl_backward_kernel(
   const acc_t kl_grad =
       grad_kl == nullptr ? acc_t(0) : static_cast<acc_t>(grad_kl[chunk.sample * grad_kl_stride]) * kl_grad_factor;
   const uint64_t seed_value = (kHasEps || !kHasGradZ) ? 0 : static_cast<uint64_t>(*seed);
-  for (int64_t group = chunk.begin / math::kNormalsPerGroup + threadIdx.x;
-       group * math::kNormalsPerGroup < chunk.end; group += kThreadsPerBlock) {
-    math::Normals4 normals{};
-    if (kHasGradZ && !kHasEps) {
-      normals = math::randn4x(seed_value, static_cast<uint64_t>(group));
+  for_each_chunk_element<kHasGradZ && !kHasEps>(chunk, seed_value, [&](int64_t i, float normal) {
+    const acc_t mu_value = static_cast<acc_t>(mu[i]);
+    const acc_t std_value = exp(acc_t(0.5) * static_cast<acc_t>(logvar[i]));
+    acc_t grad_z_value = 0;
+    acc_t noise = 0;
+    if (kHasGradZ) {
+      grad_z_value = static_cast<acc_t>(grad_z[i]);
+      noise = kHasEps ? static_cast<acc_t>(eps[i]) : static_cast<acc_t>(normal);
     }
-    for (int k = 0; k < math::kNormalsPerGroup; ++k) {
-      const int64_t i = group * math::kNormalsPerGroup + k;
-      if (i < chunk.begin || i >= chunk.end) {
-        continue;
-      }
-      const acc_t mu_value = static_cast<acc_t>(mu[i]);
-      const acc_t std_value = exp(acc_t(0.5) * static_cast<acc_t>(logvar[i]));
-      acc_t grad_z_value = 0;
-      acc_t noise = 0;
-      if (kHasGradZ) {
-        grad_z_value = static_cast<acc_t>(grad_z[i]);
-        noise = kHasEps ? static_cast<acc_t>(eps[i]) : static_cast<acc_t>(normals.values[k]);
-      }
-      grad_mu[i] = static_cast<scalar_t>(math::grad_mu<acc_t>(grad_z_value, kl_grad, mu_value));
-      grad_logvar[i] = static_cast<scalar_t>(math::grad_logvar<acc_t>(grad_z_value, kl_grad, noise, std_value));
-    }
-  }
+    grad_mu[i] = static_cast<scalar_t>(math::grad_mu<acc_t>(grad_z_value, kl_grad, mu_value));
+    grad_logvar[i] = static_cast<scalar_t>(math::grad_logvar<acc_t>(grad_z_value, kl_grad, noise, std_value));
+  });
 }
 
 int64_t chunks_per_sample(const Operands& operands) {
@@ -223,19 +211,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
     double beta, c10::string_view reduction_name) {
   const Reduction reduction = parse_reduction(reduction_name);
   const c10::cuda::CUDAGuard device_guard(mu.device());
-  const bool has_grad_z = grad_z.has_value();
-  const Operands operands = batch_major_operands(kBackwardName, mu, logvar, has_grad_z ? eps : c10::nullopt);
-  at::Tensor grad_z_dense;
-  if (has_grad_z) {
-    check_same_shape_and_dtype(kBackwardName, *grad_z, "grad_z", mu, "mu");
-    grad_z_dense = in_layout_of(*grad_z, operands.mu);
-    if (!operands.eps.defined()) {
-      check_seed(kBackwardName, seed, mu);
-    }
-  }
-  if (grad_kl.has_value()) {
-    check_grad_kl(kBackwardName, *grad_kl, reduction, mu);
-  }
+  const Operands operands = backward_operands(grad_z, grad_kl, mu, logvar, eps, seed, reduction);
+  const bool has_grad_z = operands.grad_z.defined();
   at::Tensor grad_mu = at::empty_like(operands.mu);
   at::Tensor grad_logvar = at::empty_like(operands.mu);
   if (operands.mu.numel() == 0) {
@@ -252,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
                   : has_eps   ? reparameterize_kl_backward_kernel<scalar_t, true, true>
                               : reparameterize_kl_backward_kernel<scalar_t, false, true>;
     kernel<<<blocks, kThreadsPerBlock, 0, stream>>>(
-        has_grad_z ? grad_z_dense.const_data_ptr<scalar_t>() : nullptr,
+        has_grad_z ? operands.grad_z.const_data_ptr<scalar_t>() : nullptr,
         grad_kl.has_value() ? grad_kl->const_data_ptr<scalar_t>() : nullptr,
         grad_kl.has_value() && grad_kl->dim() == 1 ? grad_kl->stride(0) : 0, kl_grad_factor,
         operands.mu.const_data_ptr<scalar_t>(), operands.logvar.const_data_ptr<scalar_t>(),
