@@ -51,6 +51,8 @@ def _maker(provider: str, shape: tuple[int, int], direction: str):
         generator = torch.Generator().manual_seed(0)
         mu = torch.randn(shape, generator=generator).requires_grad_()
         logvar = (torch.randn(shape, generator=generator) * 0.5).requires_grad_()
+        if provider == COMPILE:
+            torch._dynamo.reset()  # each case compiles afresh, under its own configuration
         forward = _forward(provider, mu, logvar)
         if provider == COMPILE and direction == "backward":
             # Timing backward alone replays one graph (retain_graph=True), which a compiled
