@@ -253,7 +253,7 @@ inline at::vec::Vectorized<acc_t> vector_exp(const at::vec::Vectorized<acc_t>& x
   return x.exp();
 }
 
-// Fills buffers with the normals of flat index ranges: whole batches of 8 groups on
+// Fills buffers with the normals of flat index ranges: batches of 16 and 8 groups on
 // AVX2, single groups with the shared scalar code (math::randn4x) elsewhere and for the
 // groups a range has left over.
 class NoiseBuffer {
@@ -584,8 +584,9 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
 
 // Autograd of the forward op, for every device (the Autograd key sits above CPU and
 // CUDA). It is C++ rather than torch.library.register_autograd because the op is
-// overhead-bound at VAE latent sizes: the Python autograd path costs about 80 us per
-// forward and 60 us per backward on the development machine, this one a few us.
+// overhead-bound at VAE latent sizes: on the development machine a forward call through
+// register_autograd's Python autograd.Function took 113 us on a 2 x 4 input, through
+// this one 21 us, and the backward runs no Python at all.
 // It saves mu, logvar and the seed (or eps), and calls the backward op.
 using ForwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                              const c10::optional<at::Tensor>&,
