@@ -18,4 +18,12 @@ TORCH_LIBRARY(imggen_fast, m) {
   m.def("conv2d_leaky_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] dilation, int groups, float negative_slope) -> Tensor");
   m.def("linear_leaky_relu(Tensor input, Tensor weight, Tensor? bias, float negative_slope) -> Tensor");
+  // z = mu + eps * exp(0.5 * logvar) and kl = beta * KL(N(mu, exp(logvar)) || N(0, 1)) per sample,
+  // reduced by `reduction` ("batchmean", "sum", "mean" or "none"). Without eps, the noise is
+  // Philox4x32-10 + Box-Muller keyed by the 1-element int64 `seed` (Triton's tl.randn4x).
+  m.def("reparameterize_kl_forward(Tensor mu, Tensor logvar, Tensor? eps, Tensor? seed, float beta, "
+        "str reduction) -> (Tensor z, Tensor kl)");
+  // (grad_mu, grad_logvar) from grad_z and grad_kl (either may be None), the noise regenerated from seed.
+  m.def("reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor mu, Tensor logvar, Tensor? eps, "
+        "Tensor? seed, float beta, str reduction) -> (Tensor grad_mu, Tensor grad_logvar)");
 }

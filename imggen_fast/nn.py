@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks, functional
+from .models import vae as _vae
 
 
 class _FusedLeakyReLU:
@@ -82,3 +83,20 @@ class LinearLeakyReLU(_FusedLeakyReLU, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.linear_leaky_relu(input, self.weight, self.bias, self.negative_slope)
+
+
+class Reparameterize(_vae.Reparameterize):
+    """The VAE reparameterization with its KL term, fused: ``forward(mu, logvar) -> (z, kl)``.
+
+    mu, logvar (N, *): ``z = mu + eps * exp(0.5 * logvar)`` with ``eps ~ N(0, 1)`` made
+    in the kernel, and ``kl = beta * KL(N(mu, exp(logvar)) || N(0, 1))`` reduced by
+    ``reduction`` (see :func:`imggen_fast.functional.reparameterize_kl`). In ``eval()``
+    mode ``z = mu`` unless ``sample_in_eval``. A subclass of the eager
+    ``imggen_fast.models.vae.Reparameterize`` with the same constructor and attributes;
+    bad arguments are reported by the first call, naming the argument."""
+
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, kl = functional.reparameterize_kl(mu, logvar, beta=self.beta, reduction=self.reduction)
+        if not (self.training or self.sample_in_eval):
+            z = mu
+        return z, kl

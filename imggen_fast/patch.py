@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import models
 from . import nn as fused_nn
 
 # Eager layer type -> fused type. Exact types only: a subclass may behave differently.
@@ -21,7 +22,9 @@ LAYER_PAIRS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: fused_nn.LinearLeakyReLU,
 }
 # Eager module type -> drop-in fused type (same attributes, same forward signature).
-MODULE_SWAPS: dict[type[nn.Module], type[nn.Module]] = {}
+MODULE_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
+    models.vae.Reparameterize: fused_nn.Reparameterize,
+}
 
 
 class FusedAway(nn.Identity):

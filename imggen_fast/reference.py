@@ -78,7 +78,8 @@ def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """``-0.5 * sum(1 + logvar - mu^2 - exp(logvar))`` over every dim but the first:
     mu, logvar (N, *) -> (N,)."""
     terms = 1 + logvar - mu.pow(2) - logvar.exp()
-    return -0.5 * terms.reshape(terms.shape[0], -1).sum(dim=1)
+    # An explicit sample size, not -1: reshape cannot infer it for an empty batch.
+    return -0.5 * terms.reshape(terms.shape[0], math.prod(terms.shape[1:])).sum(dim=1)
 
 
 def reduce_kl(per_sample: torch.Tensor, reduction: str, elements_per_sample: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from imggen_fast.patch import FusedAway
 
 def fused_layers(model):
     return [m for m in model.modules() if isinstance(m, (fused_nn.Conv2dLeakyReLU, fused_nn.LinearLeakyReLU,
-                                                          fused_nn.ConvTranspose2dLeakyReLU))]
+                                                          fused_nn.ConvTranspose2dLeakyReLU, fused_nn.Reparameterize))]
 
 
 @pytest.mark.parametrize("build,inputs,expected_fused", [
@@ -23,7 +23,7 @@ def fused_layers(model):
     (lambda: models.Discriminator("conv", image_size=16, channels=1), lambda m: (torch.randn(3, 1, 16, 16),), 2),
     (lambda: models.CNN(image_size=16), lambda m: (torch.randn(3, 1, 16, 16),), 3),
     (lambda: models.VAE(image_size=16, channels=1, latent_dim=4).eval(), lambda m: (torch.randn(3, 1, 16, 16),),
-     2 + 1 + 1),
+     2 + 1 + 1 + 1),
 ])
 def test_patched_models_compute_the_same_and_unpatch_restores(build, inputs, expected_fused):
     torch.manual_seed(0)
