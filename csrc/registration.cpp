@@ -6,4 +6,18 @@
 TORCH_LIBRARY(imggen_fast, m) {
   // grad_input = grad_output * (output > 0 ? 1 : negative_slope), output = leaky_relu(input).
   m.def("leaky_relu_backward_from_output(Tensor grad_output, Tensor output, float negative_slope) -> Tensor");
+  // Binary cross-entropy with logits, F.binary_cross_entropy_with_logits' contract: target
+  // of input's shape, or (target=None) the number target_value for every element; weight
+  // and pos_weight broadcast to input's shape; reduction as at::Reduction (0 none, 1 mean,
+  // 2 sum). The backward recomputes the gradient from (input, target).
+  m.def("bce_with_logits(Tensor input, Tensor? target, float target_value, Tensor? weight, Tensor? pos_weight, "
+        "int reduction) -> Tensor");
+  m.def("bce_with_logits_backward(Tensor grad_output, Tensor input, Tensor? target, float target_value, "
+        "Tensor? weight, Tensor? pos_weight, int reduction) -> Tensor");
+  // GAN discriminator loss bce(real_logits, real_label) + bce(fake_logits, fake_label), each
+  // term reduced over its own elements; reduction 0 needs one shape.
+  m.def("gan_d_loss(Tensor real_logits, Tensor fake_logits, float real_label, float fake_label, int reduction) "
+        "-> Tensor");
+  m.def("gan_d_loss_backward(Tensor grad_output, Tensor real_logits, Tensor fake_logits, float real_label, "
+        "float fake_label, int reduction) -> (Tensor, Tensor)");
 }

@@ -1,0 +1,67 @@
+// Element math of binary cross-entropy with logits, shared by csrc/cpu/bce_with_logits.cpp
+// and csrc/cuda/bce_with_logits.cu (and by the GAN losses, which are two BCE terms with
+// number targets). `acc_t` is the accumulation type: float for float/bfloat16/half
+// storage, double for double.
+//
+// With x the logit, y the target, w the weight and p the pos_weight:
+//   loss = w * ((1 - y) * x + l * softplus(-x)),   l = 1 + (p - 1) * y (the "log weight")
+//   d loss / d x = w * (l * sigmoid(x) - p * y)
+// Without pos_weight (p = 1, l = 1) this is max(x, 0) - x * y + log1p(exp(-|x|)) and
+// sigmoid(x) - y.
+#pragma once
+
+#include <cmath>
+
+#include "host_device.h"
+
+namespace imggen_fast::math {
+
+// exp(-|x|) in (0, 1]: never overflows, and is all softplus and sigmoid need.
+template <typename acc_t>
+IMGGEN_FAST_HOST_DEVICE acc_t exp_minus_abs(acc_t x) {
+  using std::exp;
+  using std::fabs;
+  return exp(-fabs(x));
+}
+
+// The loss of one element. softplus(-x) = max(-x, 0) + log1p(exp(-|x|)); its max(-x, 0)
+// merged with the linear term leaves two non-negative terms for 0 <= y <= 1, p >= 0:
+// (1 - y) * x for x >= 0, and -p * y * x for x < 0 (the x and -x of the textbook form
+// cancel exactly instead of losing digits). A NaN logit takes the x < 0 branch: NaN out.
+template <typename acc_t>
+IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_loss(acc_t x, acc_t y, acc_t weight, acc_t pos_weight) {
+  using std::log1p;
+  const acc_t log_weight = acc_t(1) + (pos_weight - acc_t(1)) * y;
+  const acc_t linear = x >= acc_t(0) ? (acc_t(1) - y) * x : -pos_weight * y * x;
+  return weight * (linear + log_weight * log1p(exp_minus_abs(x)));
+}
+
+// sigmoid(x) from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0, so no
+// exp(+|x|) can overflow; NaN gives NaN.
+template <typename acc_t>
+IMGGEN_FAST_HOST_DEVICE acc_t sigmoid_from_exp_minus_abs(acc_t x, acc_t exp_minus_abs_x) {
+  return (x >= acc_t(0) ? acc_t(1) : exp_minus_abs_x) / (acc_t(1) + exp_minus_abs_x);
+}
+
+// d loss / d x of one element, written directly (not derived from the stable forward).
+template <typename acc_t>
+IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_grad(acc_t x, acc_t y, acc_t weight, acc_t pos_weight) {
+  const acc_t log_weight = acc_t(1) + (pos_weight - acc_t(1)) * y;
+  const acc_t sigmoid = sigmoid_from_exp_minus_abs(x, exp_minus_abs(x));
+  return weight * (log_weight * sigmoid - pos_weight * y);
+}
+
+// The unweighted loss and gradient (weight = pos_weight = 1), what the GAN losses use:
+// max(x, 0) - x * y + log1p(exp(-|x|)) and sigmoid(x) - y.
+template <typename acc_t>
+IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_loss(acc_t x, acc_t y) {
+  using std::log1p;
+  return (x > acc_t(0) ? x : acc_t(0)) - x * y + log1p(exp_minus_abs(x));
+}
+
+template <typename acc_t>
+IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_grad(acc_t x, acc_t y) {
+  return sigmoid_from_exp_minus_abs(x, exp_minus_abs(x)) - y;
+}
+
+}  // namespace imggen_fast::math
