@@ -36,23 +36,27 @@ IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_loss(acc_t x, acc_t y, acc_t weigh
   return weight * (linear + log_weight * log1p(exp_minus_abs(x)));
 }
 
-// sigmoid(x) from e = exp(-|x|): 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0, so no
-// exp(+|x|) can overflow; NaN gives NaN.
+// sigmoid(-|x|) = e / (1 + e) with e = exp(-|x|): never overflows. sigmoid(x) is 1 minus
+// it for x >= 0, and it for x < 0.
 template <typename acc_t>
-IMGGEN_FAST_HOST_DEVICE acc_t sigmoid_from_exp_minus_abs(acc_t x, acc_t exp_minus_abs_x) {
-  return (x >= acc_t(0) ? acc_t(1) : exp_minus_abs_x) / (acc_t(1) + exp_minus_abs_x);
+IMGGEN_FAST_HOST_DEVICE acc_t sigmoid_minus_abs(acc_t x) {
+  const acc_t decay = exp_minus_abs(x);
+  return decay / (acc_t(1) + decay);
 }
 
-// d loss / d x of one element, written directly (not derived from the stable forward).
+// d loss / d x of one element, written directly (not derived from the stable forward):
+// w * (l * sigmoid(x) - p * y), which is w * ((1 - y) - l * sigmoid(-|x|)) for x >= 0 and
+// w * (l * sigmoid(-|x|) - p * y) for x < 0: no 1 - sigmoid(-|x|) is rounded to 1 first, so
+// a saturated logit with a hard label keeps its small gradient. NaN takes the x < 0 branch.
 template <typename acc_t>
 IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_grad(acc_t x, acc_t y, acc_t weight, acc_t pos_weight) {
   const acc_t log_weight = acc_t(1) + (pos_weight - acc_t(1)) * y;
-  const acc_t sigmoid = sigmoid_from_exp_minus_abs(x, exp_minus_abs(x));
-  return weight * (log_weight * sigmoid - pos_weight * y);
+  const acc_t small_side = log_weight * sigmoid_minus_abs(x);
+  return weight * (x >= acc_t(0) ? (acc_t(1) - y) - small_side : small_side - pos_weight * y);
 }
 
 // The unweighted loss and gradient (weight = pos_weight = 1), what the GAN losses use:
-// max(x, 0) - x * y + log1p(exp(-|x|)) and sigmoid(x) - y.
+// max(x, 0) - x * y + log1p(exp(-|x|)) and sigmoid(x) - y (in the form above).
 template <typename acc_t>
 IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_loss(acc_t x, acc_t y) {
   using std::log1p;
@@ -61,7 +65,8 @@ IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_loss(acc_t x, acc_t y) {
 
 template <typename acc_t>
 IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_grad(acc_t x, acc_t y) {
-  return sigmoid_from_exp_minus_abs(x, exp_minus_abs(x)) - y;
+  const acc_t small_side = sigmoid_minus_abs(x);
+  return x >= acc_t(0) ? (acc_t(1) - y) - small_side : small_side - y;
 }
 
 }  // namespace imggen_fast::math

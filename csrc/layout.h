@@ -55,9 +55,9 @@ inline at::Tensor in_layout_of(const at::Tensor& tensor, const at::Tensor& layou
 // which the operand varies: a tensor of layout's shape and strides has period numel, a
 // per-class vector against (N, C) has period C, a (C, 1, 1) weight against a
 // channels_last (N, C, H, W) tensor has period C, a one-element tensor has period 1.
-// `values` is the operand itself when its strides already list those elements in order,
-// else a copy of just those `period` elements (a per-sample (N, 1) weight against (N, C),
-// say, whose period is the whole tensor).
+// `values` is a 1-D tensor of those `period` elements: a view of the operand when its
+// strides already list them in order, else a copy of just those elements (a per-sample
+// (N, 1) weight against (N, C), say, whose period is the whole tensor).
 struct PeriodicOperand {
   at::Tensor values;
   int64_t period;
@@ -87,7 +87,7 @@ inline PeriodicOperand periodic_operand(const at::Tensor& operand, const at::Ten
     period *= layout.size(inner_first[k]);
   }
   if (in_order) {
-    return {expanded, period};
+    return {expanded.as_strided({period}, {1}), period};
   }
   // Copy the period's elements in layout's memory order: drop the size-1 dims, put the
   // rest outermost first, and keep index 0 of the dims outside the period (the operand

@@ -20,4 +20,6 @@ TORCH_LIBRARY(imggen_fast, m) {
         "-> Tensor");
   m.def("gan_d_loss_backward(Tensor grad_output, Tensor real_logits, Tensor fake_logits, float real_label, "
         "float fake_label, int reduction) -> (Tensor, Tensor)");
+  // EXPERIMENT (to be removed): forward writing the gradient for a stored-gradient backward.
+  m.def("bce_with_logits_stored_grad(Tensor input, Tensor? target, float target_value, int reduction) -> (Tensor, Tensor)");
 }
