@@ -3,24 +3,39 @@
 The custom ops (C++ ``imggen_fast::`` for CPU and CUDA, Triton ``imggen_fast_triton::``,
 same schemas; reduction as ``at::Reduction``: 0 none, 1 mean, 2 sum):
 
-* ``bce_with_logits(input, target, target_value, weight, pos_weight, reduction)``:
-  ``F.binary_cross_entropy_with_logits``; ``target=None`` means every target is the
-  number ``target_value`` (never materialised). weight and pos_weight broadcast to
-  input's shape; the kernels read them periodically over input's memory, copying at
-  most one period (see ``periodic_operand`` in csrc/layout.h).
-* ``bce_with_logits_backward(grad_output, input, target, target_value, weight,
-  pos_weight, reduction)``: the gradient with respect to input.
-* ``gan_d_loss(real_logits, fake_logits, real_label, fake_label, reduction)``:
-  ``bce(real, real_label) + bce(fake, fake_label)``, one sweep over both.
-* ``gan_d_loss_backward(...)``: both gradients, one sweep.
+* ``bce_with_logits(input, target, target_value, weight, pos_weight, reduction,
+  compute_grad) -> (loss, grad_input)``: ``F.binary_cross_entropy_with_logits``;
+  ``target=None`` means every target is the number ``target_value`` (never
+  materialised). weight and pos_weight broadcast to input's shape; the kernels read them
+  periodically over input's memory, copying at most one period (``periodic_operand`` in
+  csrc/layout.h). With ``compute_grad`` the same sweep writes ``grad_input``, the
+  gradient for ``grad_output = 1`` (1/N included for "mean"); else it is empty.
+* ``gan_d_loss(real_logits, fake_logits, real_label, fake_label, reduction,
+  compute_grad) -> (loss, grad_real, grad_fake)``: ``bce(real, real_label) +
+  bce(fake, fake_label)``, one sweep over both.
+* ``bce_with_logits_backward(grad_output, unit_grads, reduction) -> grads``: the backward
+  of both, ``grad_output * unit_grad`` for each stored gradient.
 
 The generator loss is ``bce_with_logits`` with a number target.
 
-Backward recomputes the gradient from (input, target) instead of storing the one the
-forward sweep could write. MEASURE: numbers to be filled in.
+Why the backward scales a gradient stored by the forward instead of recomputing it from
+(input, target): on the CPU the sweep is compute-bound (an exp, a log1p and a division per
+element; the copy bandwidth is not the limit), and recomputing pays the exp and a
+division a second time. Measured on the C++ kernels (fp32, AMD EPYC Zen 1, thread CPU
+time of one thread, 1M elements, tensor target; the machine was shared, so CPU time,
+not wall time): recompute = forward 1.79 ms + backward 1.76 ms = 3.55 ms; stored =
+forward writing the gradient 2.80 ms + backward scale 0.50 ms = 3.30 ms; with a number
+target 4.06 ms against 3.32 ms. Wall time with 2 threads, 1M: recompute 1.87 / 2.06 ms
+(tensor / number target), stored 1.85 / 1.59 ms. Bytes (N elements of 4 bytes): tensor
+target 5N either way (stored: the forward reads x, y and writes g, the backward reads g
+and writes the result; recompute: the forward reads x, y, the backward reads x, y and
+writes); number target 4N stored against 3N recomputed. Memory: storing keeps N more
+elements from forward to backward. On a GPU, where these sweeps are memory-bound,
+recomputing would move a quarter fewer bytes for a number target; not measurable here.
 
-Double backward (a penalty on the gradient of the loss) goes through the eager formula
-of the gradient's derivative, registered as the backward ops' autograd.
+The forward also saves (references to) its inputs, only for double backward
+(``create_graph=True``, a penalty on the gradient of the loss), which goes through the
+eager formula of the gradient.
 """
 
 from __future__ import annotations
@@ -38,23 +53,40 @@ _MODULE = "bce_with_logits"
 
 # --- fake implementations ------------------------------------------------------------------
 
-def _fake_forward(input, target, target_value, weight, pos_weight, reduction):
-    return torch.empty_like(input) if reduction == 0 else input.new_empty(())
+def _fake_gradient(input, compute_grad):
+    return torch.empty_like(input) if compute_grad else input.new_empty(0)
 
 
-def _fake_backward(grad_output, input, target, target_value, weight, pos_weight, reduction):
-    return torch.empty_like(input)
+def _fake_forward(input, target, target_value, weight, pos_weight, reduction, compute_grad):
+    loss = torch.empty_like(input) if reduction == 0 else input.new_empty(())
+    return loss, _fake_gradient(input, compute_grad)
 
 
-def _fake_gan_d_loss(real_logits, fake_logits, real_label, fake_label, reduction):
-    return torch.empty_like(real_logits) if reduction == 0 else real_logits.new_empty(())
+def _fake_gan_d_loss(real_logits, fake_logits, real_label, fake_label, reduction, compute_grad):
+    loss = torch.empty_like(real_logits) if reduction == 0 else real_logits.new_empty(())
+    return loss, _fake_gradient(real_logits, compute_grad), _fake_gradient(fake_logits, compute_grad)
 
 
-def _fake_gan_d_loss_backward(grad_output, real_logits, fake_logits, real_label, fake_label, reduction):
-    return torch.empty_like(real_logits), torch.empty_like(fake_logits)
+def _fake_backward(grad_output, unit_grads, reduction):
+    return [torch.empty_like(unit_grad) for unit_grad in unit_grads]
 
 
-# --- autograd of the forward ops: call the backward op of the same backend --------------------
+# --- autograd of the forward ops -------------------------------------------------------------
+
+def _eager_grad(grad_output, input, target, weight, pos_weight, reduction):
+    """grad_output * d loss / d input in differentiable eager torch: w * (l * sigmoid(x) - p * y),
+    l = 1 + (p - 1) * y, divided by N for "mean". For double backward only."""
+    sigmoid = torch.sigmoid(input)
+    if pos_weight is None:
+        unit = sigmoid - target
+    else:
+        unit = (1.0 + (pos_weight - 1.0) * target) * sigmoid - pos_weight * target
+    if weight is not None:
+        unit = unit * weight
+    if reduction == 1:
+        unit = unit / input.numel()
+    return grad_output * unit
+
 
 def _not_differentiable(ctx, names: tuple[str, ...], op: str) -> None:
     """Raises if an input the kernels do not differentiate requires grad (as torch does for
@@ -68,17 +100,26 @@ def _bce_autograd(namespace: str):
     """(backward, setup_context) of ``<namespace>::bce_with_logits``."""
 
     def setup_context(ctx, inputs, output) -> None:
-        input, target, target_value, weight, pos_weight, reduction = inputs
-        ctx.save_for_backward(input, target, weight, pos_weight)
+        input, target, target_value, weight, pos_weight, reduction, compute_grad = inputs
+        _, unit_grad = output
+        ctx.mark_non_differentiable(unit_grad)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(unit_grad, input, target, weight, pos_weight)
         ctx.target_value = target_value
         ctx.reduction = reduction
+        ctx.compute_grad = compute_grad
 
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_loss, _):
         _not_differentiable(ctx, ("", "target", "", "weight", "pos_weight"), f"{namespace}::bce_with_logits")
-        input, target, weight, pos_weight = ctx.saved_tensors
-        grad_input = _op(namespace, "bce_with_logits_backward")(
-            grad_output, input, target, ctx.target_value, weight, pos_weight, ctx.reduction)
-        return grad_input, None, None, None, None, None
+        if grad_loss is None:
+            return None, None, None, None, None, None, None
+        unit_grad, input, target, weight, pos_weight = ctx.saved_tensors
+        if ctx.compute_grad and not torch.is_grad_enabled():
+            (grad_input,) = _op(namespace, "bce_with_logits_backward")(grad_loss, [unit_grad], ctx.reduction)
+        else:  # double backward, or a direct call that did not store the gradient
+            grad_input = _eager_grad(grad_loss, input, ctx.target_value if target is None else target, weight,
+                                     pos_weight, ctx.reduction)
+        return grad_input, None, None, None, None, None, None
 
     return backward, setup_context
 
@@ -87,16 +128,26 @@ def _gan_d_loss_autograd(namespace: str):
     """(backward, setup_context) of ``<namespace>::gan_d_loss``."""
 
     def setup_context(ctx, inputs, output) -> None:
-        real_logits, fake_logits, real_label, fake_label, reduction = inputs
-        ctx.save_for_backward(real_logits, fake_logits)
+        real_logits, fake_logits, real_label, fake_label, reduction, compute_grad = inputs
+        _, grad_real, grad_fake = output
+        ctx.mark_non_differentiable(grad_real, grad_fake)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_real, grad_fake, real_logits, fake_logits)
         ctx.labels = (real_label, fake_label)
         ctx.reduction = reduction
+        ctx.compute_grad = compute_grad
 
-    def backward(ctx, grad_output):
-        real_logits, fake_logits = ctx.saved_tensors
-        grad_real, grad_fake = _op(namespace, "gan_d_loss_backward")(
-            grad_output, real_logits, fake_logits, *ctx.labels, ctx.reduction)
-        return grad_real, grad_fake, None, None, None
+    def backward(ctx, grad_loss, _real, _fake):
+        if grad_loss is None:
+            return None, None, None, None, None, None
+        grad_real, grad_fake, real_logits, fake_logits = ctx.saved_tensors
+        if ctx.compute_grad and not torch.is_grad_enabled():
+            grad_real, grad_fake = _op(namespace, "bce_with_logits_backward")(grad_loss, [grad_real, grad_fake],
+                                                                              ctx.reduction)
+        else:  # double backward, or a direct call that did not store the gradients
+            grad_real, grad_fake = (_eager_grad(grad_loss, logits, label, None, None, ctx.reduction)
+                                    for logits, label in zip((real_logits, fake_logits), ctx.labels))
+        return grad_real, grad_fake, None, None, None, None
 
     return backward, setup_context
 
@@ -106,62 +157,24 @@ def _op(namespace: str, name: str):
     return getattr(getattr(torch.ops, namespace), name).default
 
 
-# --- autograd of the backward ops (double backward), in eager torch ----------------------------
+# --- autograd of the backward op: a product ----------------------------------------------------
 
-def _grad_of_grad(grad_grad_input, grad_output, input, target, weight, pos_weight, reduction):
-    """For grad_input = c * w * (l * sigmoid(x) - p * y), with c = grad_output (reduction
-    none) or grad_output / N (mean) or grad_output (sum), l = 1 + (p - 1) * y: the gradients
-    of sum(grad_grad_input * grad_input) with respect to grad_output and input."""
-    sigmoid = torch.sigmoid(input)
-    pos = 1.0 if pos_weight is None else pos_weight
-    log_weight = 1.0 + (pos - 1.0) * target
-    weighted = grad_grad_input if weight is None else grad_grad_input * weight
-    unscaled = weighted * (log_weight * sigmoid - pos * target)
-    scale = grad_output
-    if reduction != 0:
-        count = input.numel() if reduction == 1 else 1
-        scale = grad_output / count
-        unscaled = (unscaled.sum() / count).reshape(grad_output.shape)
-    return unscaled, scale * weighted * log_weight * sigmoid * (1.0 - sigmoid)
-
-
-def _setup_bce_backward(ctx, inputs, output) -> None:
-    grad_output, input, target, target_value, weight, pos_weight, reduction = inputs
-    ctx.save_for_backward(grad_output, input, target, weight, pos_weight)
-    ctx.target_value = target_value
+def _setup_backward(ctx, inputs, output) -> None:
+    grad_output, unit_grads, reduction = inputs
+    ctx.save_for_backward(grad_output, *unit_grads)
     ctx.reduction = reduction
 
 
-def _bce_backward_backward(ctx, grad_grad_input):
-    _not_differentiable(ctx, ("", "", "target", "", "weight", "pos_weight"), "bce_with_logits_backward")
-    grad_output, input, target, weight, pos_weight = ctx.saved_tensors
-    target = ctx.target_value if target is None else target
-    grad_grad_output, grad_input = _grad_of_grad(grad_grad_input, grad_output, input, target, weight, pos_weight,
-                                                 ctx.reduction)
-    return grad_grad_output, grad_input, None, None, None, None, None
-
-
-def _setup_gan_d_loss_backward(ctx, inputs, output) -> None:
-    grad_output, real_logits, fake_logits, real_label, fake_label, reduction = inputs
-    ctx.save_for_backward(grad_output, real_logits, fake_logits)
-    ctx.labels = (real_label, fake_label)
-    ctx.reduction = reduction
-
-
-def _gan_d_loss_backward_backward(ctx, grad_grad_real, grad_grad_fake):
-    grad_output, real_logits, fake_logits = ctx.saved_tensors
-    real_label, fake_label = ctx.labels
+def _backward_backward(ctx, grad_grads):
+    grad_output, *unit_grads = ctx.saved_tensors
     grad_grad_output = None
-    grads = []
-    for grad_grad, logits, label in ((grad_grad_real, real_logits, real_label),
-                                     (grad_grad_fake, fake_logits, fake_label)):
-        if grad_grad is None:
-            grads.append(None)
-            continue
-        part, grad = _grad_of_grad(grad_grad, grad_output, logits, label, None, None, ctx.reduction)
-        grad_grad_output = part if grad_grad_output is None else grad_grad_output + part
-        grads.append(grad)
-    return grad_grad_output, grads[0], grads[1], None, None, None
+    if ctx.needs_input_grad[0]:
+        terms = [grad_grad * unit_grad for grad_grad, unit_grad in zip(grad_grads, unit_grads) if grad_grad is not None]
+        if terms:
+            total = functools.reduce(torch.add, terms)
+            grad_grad_output = total if ctx.reduction == 0 else total.sum().reshape(grad_output.shape)
+    grad_unit_grads = [None if grad_grad is None else grad_grad * grad_output for grad_grad in grad_grads]
+    return grad_grad_output, grad_unit_grads, None
 
 
 # --- registration and backend choice -------------------------------------------------------------
@@ -170,10 +183,7 @@ _FORWARDS = {
     "bce_with_logits": (_fake_forward, _bce_autograd),
     "gan_d_loss": (_fake_gan_d_loss, _gan_d_loss_autograd),
 }
-_BACKWARDS = {
-    "bce_with_logits_backward": (_fake_backward, _bce_backward_backward, _setup_bce_backward),
-    "gan_d_loss_backward": (_fake_gan_d_loss_backward, _gan_d_loss_backward_backward, _setup_gan_d_loss_backward),
-}
+_BACKWARD = "bce_with_logits_backward"
 
 
 def _register_autocast(qualified_name: str) -> None:
@@ -188,15 +198,13 @@ def _cpp_loader(name: str):
     return cpp_op(name, fake, *autograd("imggen_fast"))
 
 
-for _name, (_fake, _backward_backward, _setup) in _BACKWARDS.items():
-    cpp_op(_name, _fake, _backward_backward, _setup)
+cpp_op(_BACKWARD, _fake_backward, _backward_backward, _setup_backward)
 
 
 @functools.cache
-def _register_triton_backwards() -> None:
-    """Fake and autograd of the Triton backward ops (once, after the kernels module is imported)."""
-    for name, (fake, backward_backward, setup) in _BACKWARDS.items():
-        register(f"imggen_fast_triton::{name}", fake, backward_backward, setup)
+def _register_triton_backward() -> None:
+    """Fake and autograd of the Triton backward op (once, after the kernels module is imported)."""
+    register(f"imggen_fast_triton::{_BACKWARD}", _fake_backward, _backward_backward, _setup_backward)
 
 
 def _triton_loader(name: str):
@@ -205,20 +213,21 @@ def _triton_loader(name: str):
 
     def load():
         op = load_forward()
-        _register_triton_backwards()
+        _register_triton_backward()
         _register_autocast(f"imggen_fast_triton::{name}")
         return op
 
     return load
 
 
-def _reference_bce(input, target, target_value, weight, pos_weight, reduction):
-    return reference.bce_with_logits(input, target_value if target is None else target, weight,
+def _reference_bce(input, target, target_value, weight, pos_weight, reduction, compute_grad):
+    loss = reference.bce_with_logits(input, target_value if target is None else target, weight,
                                      REDUCTIONS[reduction], pos_weight)
+    return loss, None
 
 
-def _reference_gan_d_loss(real_logits, fake_logits, real_label, fake_label, reduction):
-    return reference.gan_d_loss(real_logits, fake_logits, real_label, fake_label, REDUCTIONS[reduction])
+def _reference_gan_d_loss(real_logits, fake_logits, real_label, fake_label, reduction, compute_grad):
+    return reference.gan_d_loss(real_logits, fake_logits, real_label, fake_label, REDUCTIONS[reduction]), None, None
 
 
 _cpp_bce = _cpp_loader("bce_with_logits")
@@ -236,12 +245,16 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor | None, target_val
                     unsupported: str | None = None) -> torch.Tensor:
     """Arguments checked by the caller: input (*); target (*) or None for ``target_value``;
     weight, pos_weight broadcastable to (*) or None; reduction 0/1/2. ``unsupported``: why
-    the kernels do not cover this call (it then goes to the reference). Returns () or (*)."""
+    the kernels do not cover this call (it then goes to the reference). Returns () or (*).
+    The gradient is stored by the forward sweep only when autograd will need it."""
+    compute_grad = input.requires_grad and torch.is_grad_enabled()
     return BCE_WITH_LOGITS.select(input.device, unsupported)(input, target, target_value, weight, pos_weight,
-                                                             reduction)
+                                                             reduction, compute_grad)[0]
 
 
 def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float, fake_label: float,
                reduction: int) -> torch.Tensor:
     """Arguments checked by the caller: equal dtypes and devices; equal shapes for reduction 0."""
-    return GAN_D_LOSS.select(real_logits.device)(real_logits, fake_logits, real_label, fake_label, reduction)
+    compute_grad = (real_logits.requires_grad or fake_logits.requires_grad) and torch.is_grad_enabled()
+    return GAN_D_LOSS.select(real_logits.device)(real_logits, fake_logits, real_label, fake_label, reduction,
+                                                 compute_grad)[0]
