@@ -69,4 +69,25 @@ IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_grad(acc_t x, acc_t y) {
   return x >= acc_t(0) ? (acc_t(1) - y) - small_side : small_side - y;
 }
 
+// The loss and the gradient of one element from one exp (what a kernel writing both
+// uses): the same formulas as above.
+template <typename acc_t>
+struct LossAndGrad {
+  acc_t loss;
+  acc_t grad;
+};
+
+template <typename acc_t>
+IMGGEN_FAST_HOST_DEVICE LossAndGrad<acc_t> bce_with_logits_loss_and_grad(acc_t x, acc_t y, acc_t weight,
+                                                                        acc_t pos_weight) {
+  using std::log1p;
+  const acc_t decay = exp_minus_abs(x);
+  const acc_t log_weight = acc_t(1) + (pos_weight - acc_t(1)) * y;
+  const bool non_negative = x >= acc_t(0);
+  const acc_t linear = non_negative ? (acc_t(1) - y) * x : -pos_weight * y * x;
+  const acc_t small_side = log_weight * (decay / (acc_t(1) + decay));
+  return {weight * (linear + log_weight * log1p(decay)),
+          weight * (non_negative ? (acc_t(1) - y) - small_side : small_side - pos_weight * y)};
+}
+
 }  // namespace imggen_fast::math
