@@ -18,12 +18,14 @@ from torch.library import triton_op, wrap_triton
 
 from ._triton_utils import ELEMENTWISE_CONFIGS, AotKernel, autotune, dense, flat_grid, in_layout_of
 
-# Elements per program of the loss sweep. Fixed, not autotuned: the blocks are the
-# partial sums, so the sum's order (and bits) must not depend on a tuning choice.
+# Elements per program of the loss sweep. One configuration, not tuned: the blocks are
+# the partial sums, so the sum's order (and bits) must not depend on a tuning choice.
+# (Single-config autotune all the same: the ahead-of-time compile test reads the
+# configuration from it.)
 SWEEP_BLOCK = 1024
-SWEEP_WARPS = 4
+SWEEP_CONFIGS = [triton.Config({"BLOCK": SWEEP_BLOCK}, num_warps=4)]
 # Partial sums read per step by the one-program final sum.
-SUM_BLOCK = 1024
+SUM_CONFIGS = [triton.Config({"BLOCK": 1024}, num_warps=4)]
 
 
 @triton.jit
@@ -84,6 +86,7 @@ def _sweep_block(block, input_ptr, target_ptr, target_value, weight_ptr, weight_
         tl.store(loss_ptr + offsets, loss.to(loss_ptr.dtype.element_ty), mask=in_bounds)
 
 
+@autotune(configs=SWEEP_CONFIGS, key=[])
 @triton.jit
 def bce_with_logits_kernel(input_ptr, target_ptr, target_value, weight_ptr, weight_period, pos_weight_ptr,
                            pos_weight_period, loss_ptr, grad_ptr, grad_scale, partials_ptr, numel,
@@ -96,6 +99,7 @@ def bce_with_logits_kernel(input_ptr, target_ptr, target_value, weight_ptr, weig
                  TARGET_TENSOR, WEIGHTED, REDUCE, WRITE_GRAD, BLOCK)
 
 
+@autotune(configs=SWEEP_CONFIGS, key=[])
 @triton.jit
 def gan_d_loss_kernel(real_ptr, fake_ptr, real_label, fake_label, real_loss_ptr, fake_loss_ptr, real_grad_ptr,
                       fake_grad_ptr, real_scale, fake_scale, partials_ptr, real_numel, fake_numel, real_blocks,
@@ -112,6 +116,7 @@ def gan_d_loss_kernel(real_ptr, fake_ptr, real_label, fake_label, real_loss_ptr,
                      BLOCK)
 
 
+@autotune(configs=SUM_CONFIGS, key=[])
 @triton.jit
 def sum_partials_kernel(partials_ptr, loss_ptr, first_count, first_scale, second_count, second_scale,
                         BLOCK: tl.constexpr):
@@ -185,8 +190,7 @@ def _grad_scale(numel: int, reduction: int) -> float:
 
 
 def _final_sum(partials, loss, first_count, first_scale, second_count=0, second_scale=0.0):
-    wrap_triton(sum_partials_kernel)[(1,)](partials, loss, first_count, first_scale, second_count, second_scale,
-                                          BLOCK=SUM_BLOCK)
+    wrap_triton(sum_partials_kernel)[(1,)](partials, loss, first_count, first_scale, second_count, second_scale)
 
 
 @triton_op("imggen_fast_triton::bce_with_logits", mutates_args=())
@@ -212,8 +216,7 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor | None, target_val
     wrap_triton(bce_with_logits_kernel)[(blocks,)](
         input, input if target is None else target, target_value, weight_values, weight_period,
         pos_weight_values, pos_weight_period, loss, grad, _grad_scale(numel, reduction), partials, numel,
-        TARGET_TENSOR=target is not None, WEIGHTED=weighted, REDUCE=reduction != 0, WRITE_GRAD=compute_grad,
-        BLOCK=SWEEP_BLOCK, num_warps=SWEEP_WARPS)
+        TARGET_TENSOR=target is not None, WEIGHTED=weighted, REDUCE=reduction != 0, WRITE_GRAD=compute_grad)
     if reduction:
         _final_sum(partials, loss, blocks, _grad_scale(numel, reduction))
     return loss, grad
@@ -238,8 +241,7 @@ def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label:
         wrap_triton(gan_d_loss_kernel)[(blocks,)](
             real, fake, real_label, fake_label, real_loss, fake_loss, real_grad, fake_grad,
             _grad_scale(real_numel, reduction), _grad_scale(fake_numel, reduction), partials, real_numel,
-            fake_numel, real_blocks, REDUCE=reduction != 0, WRITE_GRAD=compute_grad, BLOCK=SWEEP_BLOCK,
-            num_warps=SWEEP_WARPS)
+            fake_numel, real_blocks, REDUCE=reduction != 0, WRITE_GRAD=compute_grad)
     if reduction == 0:
         return real_loss + fake_loss, real_grad, fake_grad
     _final_sum(partials, real_loss, real_blocks, _grad_scale(real_numel, reduction), blocks - real_blocks,
@@ -265,8 +267,7 @@ def bce_with_logits_backward(grad_output: torch.Tensor, unit_grads: list[torch.T
     return results
 
 
-_SWEEP_FLAGS = {"TARGET_TENSOR": True, "WEIGHTED": True, "REDUCE": True, "WRITE_GRAD": True,
-                "BLOCK": SWEEP_BLOCK}
+_SWEEP_FLAGS = {"TARGET_TENSOR": True, "WEIGHTED": True, "REDUCE": True, "WRITE_GRAD": True}
 _SWEEP_SIGNATURE = {
     "input_ptr": "*{dtype}", "target_ptr": "*{dtype}", "target_value": "fp32", "weight_ptr": "*{dtype}",
     "weight_period": "i64", "pos_weight_ptr": "*{dtype}", "pos_weight_period": "i64", "loss_ptr": "*{dtype}",
@@ -283,11 +284,10 @@ AOT_KERNELS = [
     AotKernel(bce_with_logits_kernel, _SWEEP_SIGNATURE, _SWEEP_FLAGS),
     AotKernel(bce_with_logits_kernel, _SWEEP_SIGNATURE,
               {**_SWEEP_FLAGS, "TARGET_TENSOR": False, "WEIGHTED": False, "REDUCE": False}),
-    AotKernel(gan_d_loss_kernel, _GAN_SIGNATURE, {"REDUCE": True, "WRITE_GRAD": True, "BLOCK": SWEEP_BLOCK}),
+    AotKernel(gan_d_loss_kernel, _GAN_SIGNATURE, {"REDUCE": True, "WRITE_GRAD": True}),
     AotKernel(sum_partials_kernel,
               {"partials_ptr": "*fp32", "loss_ptr": "*{dtype}", "first_count": "i64", "first_scale": "fp32",
-               "second_count": "i64", "second_scale": "fp32"},
-              {"BLOCK": SUM_BLOCK}),
+               "second_count": "i64", "second_scale": "fp32"}),
     AotKernel(bce_with_logits_backward_kernel,
               {"grad_output_ptr": "*{dtype}", "unit_grad_ptr": "*{dtype}", "grad_input_ptr": "*{dtype}",
                "numel": "i64"},
