@@ -112,7 +112,7 @@ inline PeriodicOperand periodic_operand(const at::Tensor& operand, const at::Ten
   for (size_t k = period_dims; k < inner_first.size(); ++k) {
     view = view.select(0, 0);
   }
-  return {view.contiguous(), period};
+  return {view.contiguous().reshape({period}), period};
 }
 
 }  // namespace imggen_fast

@@ -567,8 +567,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss(const at::Tensor& real
   if (reduction == kReductionNone) {
     loss.add_(fake.loss);
   }
-  const at::Tensor no_grad = real_logits.new_empty({0});
-  return {loss, compute_grad ? real.grad : no_grad, compute_grad ? fake.grad : no_grad};
+  // Two distinct empty tensors when no gradient is stored: outputs must not alias.
+  return {loss, compute_grad ? real.grad : real_logits.new_empty({0}),
+          compute_grad ? fake.grad : fake_logits.new_empty({0})};
 }
 
 // grad_output * unit_grad for each stored gradient: grad_output has one element (a
