@@ -251,7 +251,7 @@ C10_ALWAYS_INLINE void sweep_elements(const Sweep<scalar_t>& sweep, int64_t begi
   using acc_t = acc_type<scalar_t>;
   using Vec = AccVec<scalar_t>;
   for_each_run(sweep, begin, end, [&](int64_t run_begin, int64_t run_end, const scalar_t* weight,
-                                      const scalar_t* pos_weight) {
+                                      const scalar_t* pos_weight) C10_ALWAYS_INLINE_ATTRIBUTE {
     auto visit = [&](auto width, int64_t i) C10_ALWAYS_INLINE_ATTRIBUTE {
       using V = typename decltype(width)::type;
       const V x = load<V>(sweep.input + i);
@@ -298,7 +298,7 @@ acc_type<scalar_t> sweep_range(const Sweep<scalar_t>& sweep, int64_t begin, int6
   acc_t scalar_sum = 0;
   sweep_elements<kTargetTensor, kWeighted>(
       sweep, begin, end,
-      [&](int64_t i, const auto& x, const auto&... operands) {
+      [&](int64_t i, const auto& x, const auto&... operands) C10_ALWAYS_INLINE_ATTRIBUTE {
         using V = std::decay_t<decltype(x)>;
         V losses;
         if constexpr (kWriteGrad) {
