@@ -29,10 +29,6 @@
 namespace imggen_fast::cpu {
 namespace {
 
-// at::Reduction's values, as the schemas pass them.
-constexpr int64_t kReductionNone = 0;
-constexpr int64_t kReductionMean = 1;
-
 // Elements summed into one partial sum. Fixed, so the partials, and the order in which
 // they are added, are the same whatever the number of threads.
 constexpr int64_t kReductionBlock = 4096;
@@ -203,25 +199,8 @@ C10_ALWAYS_INLINE V grad_from(const V& sigmoid, const V& x, const V& y, const V&
   return weight * V::blendv(small_side - pos_weight * y, (one - y) - small_side, x >= V(0));
 }
 
-// One BCE sweep as flat arrays over the input's memory: element i has logit input[i],
-// target target[i] (or target_value), weight weight[i % weight_period] and pos_weight
-// pos_weight[i % pos_weight_period]. weight == nullptr: unweighted (both absent). The
-// loss of element i is written to loss_out[i] (reduction "none") or added to the sum;
-// with grad_out, grad_scale * d loss_i / d input_i is written to grad_out[i].
 template <typename scalar_t>
-struct Sweep {
-  const scalar_t* input = nullptr;
-  int64_t numel = 0;
-  const scalar_t* target = nullptr;
-  acc_type<scalar_t> target_value = 0;
-  const scalar_t* weight = nullptr;
-  int64_t weight_period = 1;
-  const scalar_t* pos_weight = nullptr;
-  int64_t pos_weight_period = 1;
-  scalar_t* loss_out = nullptr;
-  scalar_t* grad_out = nullptr;
-  acc_type<scalar_t> grad_scale = 1;
-};
+using Sweep = BceSweep<scalar_t, acc_type<scalar_t>>;
 
 // Calls body(begin, end, weight, pos_weight) for the runs of [begin, end) along which
 // the periodic operands do not wrap (weight[k], pos_weight[k] belong to element begin + k).
@@ -419,91 +398,10 @@ std::array<acc_type<scalar_t>, kCount> run_sweeps(const std::array<Sweep<scalar_
 }
 
 // ---------------------------------------------------------------------------------------
-// Host side: checks, layouts, operands.
-
-void check_reduction(const char* op, int64_t reduction) {
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
-}
-
-void check_operand(const char* op, const at::Tensor& operand, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(operand.scalar_type() == input.scalar_type(), op, ": ", name, " dtype ", operand.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(operand.device() == input.device(), op, ": ", name, " device ", operand.device(),
-              " does not match input device ", input.device());
-}
-
-// A weight or pos_weight as a periodic flat operand (ones when absent), tiled up to
-// kMinimumPeriod elements when its period is shorter and the input longer.
-PeriodicOperand tiled_operand(const std::optional<at::Tensor>& operand, const at::Tensor& input) {
-  PeriodicOperand periodic = operand.has_value() ? periodic_operand(*operand, input)
-                                                 : PeriodicOperand{at::ones({1}, input.options()), 1};
-  if (periodic.period < kMinimumPeriod && periodic.period < input.numel()) {
-    const int64_t copies = (kMinimumPeriod + periodic.period - 1) / periodic.period;
-    return {periodic.values.repeat({copies}), periodic.period * copies};
-  }
-  return periodic;
-}
-
-// The tensors one sweep reads and writes, kept alive for it, in the input's dense layout.
-struct SweepTensors {
-  at::Tensor input;
-  at::Tensor target;      // undefined: a number target
-  PeriodicOperand weight;  // values undefined: unweighted
-  PeriodicOperand pos_weight;
-  at::Tensor loss;  // reduction "none": the losses
-  at::Tensor grad;  // undefined: no gradient
-
-  template <typename scalar_t>
-  Sweep<scalar_t> sweep(double target_value, acc_type<scalar_t> grad_scale) const {
-    Sweep<scalar_t> sweep;
-    sweep.input = input.const_data_ptr<scalar_t>();
-    sweep.numel = input.numel();
-    sweep.target = target.defined() ? target.const_data_ptr<scalar_t>() : nullptr;
-    sweep.target_value = static_cast<acc_type<scalar_t>>(target_value);
-    if (weight.values.defined()) {
-      sweep.weight = weight.values.const_data_ptr<scalar_t>();
-      sweep.weight_period = weight.period;
-      sweep.pos_weight = pos_weight.values.const_data_ptr<scalar_t>();
-      sweep.pos_weight_period = pos_weight.period;
-    }
-    sweep.loss_out = loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr;
-    sweep.grad_out = grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr;
-    sweep.grad_scale = grad_scale;
-    return sweep;
-  }
-};
-
-SweepTensors sweep_tensors(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& target,
-                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                           int64_t reduction, bool compute_grad) {
-  SweepTensors tensors;
-  tensors.input = dense(input);
-  if (target.has_value()) {
-    check_same_shape_and_dtype(op, *target, "target", input, "input");
-    tensors.target = in_layout_of(*target, tensors.input);
-  }
-  if (weight.has_value()) {
-    check_operand(op, *weight, "weight", input);
-  }
-  if (pos_weight.has_value()) {
-    check_operand(op, *pos_weight, "pos_weight", input);
-  }
-  if ((weight.has_value() || pos_weight.has_value()) && input.numel() > 0) {
-    tensors.weight = tiled_operand(weight, tensors.input);
-    tensors.pos_weight = tiled_operand(pos_weight, tensors.input);
-  }
-  if (reduction == kReductionNone) {
-    tensors.loss = at::empty_like(tensors.input);
-  }
-  if (compute_grad) {
-    tensors.grad = at::empty_like(tensors.input);
-  }
-  return tensors;
-}
+// Host side.
 
 // The reduced loss: the sum, divided by the element count for "mean" (NaN for no
-// elements, as torch's mean). The gradient scale matches: 1 / numel for "mean".
+// elements, as torch's mean).
 template <typename acc_t>
 acc_t reduce(acc_t sum, int64_t numel, int64_t reduction) {
   return reduction == kReductionMean ? sum / static_cast<acc_t>(numel) : sum;
@@ -518,12 +416,13 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits(const at::Tensor& input, cons
                                                    bool compute_grad) {
   constexpr const char* op = "bce_with_logits";
   check_reduction(op, reduction);
-  const SweepTensors tensors = sweep_tensors(op, input, target, weight, pos_weight, reduction, compute_grad);
+  const BceTensors tensors = bce_tensors(op, input, target, weight, pos_weight, reduction, compute_grad, kMinimumPeriod);
   const int64_t numel = tensors.input.numel();
   at::Tensor loss = reduction == kReductionNone ? tensors.loss : at::empty({}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto sums = run_sweeps(std::array{tensors.sweep<scalar_t>(target_value, reduce(acc_t(1), numel, reduction))});
+    const auto sums = run_sweeps(
+        std::array{tensors.sweep<scalar_t, acc_t>(target_value, bce_grad_scale<acc_t>(numel, reduction))});
     if (reduction != kReductionNone) {
       *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(reduce(sums[0], numel, reduction));
     }
@@ -538,38 +437,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss(const at::Tensor& real
                                                           double real_label, double fake_label, int64_t reduction,
                                                           bool compute_grad) {
   constexpr const char* op = "gan_d_loss";
-  check_reduction(op, reduction);
-  TORCH_CHECK(real_logits.scalar_type() == fake_logits.scalar_type(), op, ": fake_logits dtype ",
-              fake_logits.scalar_type(), " does not match real_logits dtype ", real_logits.scalar_type());
-  TORCH_CHECK(real_logits.device() == fake_logits.device(), op, ": fake_logits device ", fake_logits.device(),
-              " does not match real_logits device ", real_logits.device());
-  TORCH_CHECK(reduction != kReductionNone || real_logits.sizes() == fake_logits.sizes(), op,
-              ": reduction='none' needs real_logits and fake_logits of one shape, got ", real_logits.sizes(),
-              " and ", fake_logits.sizes());
+  check_gan_d_loss_arguments(op, real_logits, fake_logits, reduction);
   const at::Tensor real_input = dense(real_logits);
   // Reduction "none" adds the two losses elementwise: the fake input in the real one's layout.
   const at::Tensor fake_input = reduction == kReductionNone ? in_layout_of(fake_logits, real_input) : dense(fake_logits);
-  const SweepTensors real = sweep_tensors(op, real_input, std::nullopt, std::nullopt, std::nullopt, reduction,
-                                          compute_grad);
-  const SweepTensors fake = sweep_tensors(op, fake_input, std::nullopt, std::nullopt, std::nullopt, reduction,
-                                          compute_grad);
+  const BceTensors real = bce_tensors(op, real_input, std::nullopt, std::nullopt, std::nullopt, reduction,
+                                      compute_grad, kMinimumPeriod);
+  const BceTensors fake = bce_tensors(op, fake_input, std::nullopt, std::nullopt, std::nullopt, reduction,
+                                      compute_grad, kMinimumPeriod);
   at::Tensor loss = reduction == kReductionNone ? real.loss : at::empty({}, real_logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, real_logits.scalar_type(), op, [&] {
     using acc_t = acc_type<scalar_t>;
     const auto sums = run_sweeps(std::array{
-        real.sweep<scalar_t>(real_label, reduce(acc_t(1), real_input.numel(), reduction)),
-        fake.sweep<scalar_t>(fake_label, reduce(acc_t(1), fake_input.numel(), reduction))});
+        real.sweep<scalar_t, acc_t>(real_label, bce_grad_scale<acc_t>(real_input.numel(), reduction)),
+        fake.sweep<scalar_t, acc_t>(fake_label, bce_grad_scale<acc_t>(fake_input.numel(), reduction))});
     if (reduction != kReductionNone) {
       *loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(reduce(sums[0], real_input.numel(), reduction) +
                                                                  reduce(sums[1], fake_input.numel(), reduction));
     }
   });
-  if (reduction == kReductionNone) {
-    loss.add_(fake.loss);
-  }
-  // Two distinct empty tensors when no gradient is stored: outputs must not alias.
-  return {loss, compute_grad ? real.grad : real_logits.new_empty({0}),
-          compute_grad ? fake.grad : fake_logits.new_empty({0})};
+  return gan_d_loss_outputs(loss, real, fake, reduction, compute_grad);
 }
 
 // grad_output * unit_grad for each stored gradient: grad_output has one element (a
@@ -582,15 +469,7 @@ std::vector<at::Tensor> bce_with_logits_backward(const at::Tensor& grad_output, 
   std::vector<at::Tensor> units, grad_outputs, results;
   std::vector<int64_t> first{0};
   for (const at::Tensor& unit_grad : unit_grads) {
-    TORCH_CHECK(unit_grad.scalar_type() == grad_output.scalar_type(), op, ": unit_grads dtype ",
-                unit_grad.scalar_type(), " does not match grad_output dtype ", grad_output.scalar_type());
-    if (reduction == kReductionNone) {
-      TORCH_CHECK(grad_output.sizes() == unit_grad.sizes(), op, ": grad_output shape ", grad_output.sizes(),
-                  " does not match unit_grads shape ", unit_grad.sizes());
-    } else {
-      TORCH_CHECK(grad_output.numel() == 1, op, ": grad_output of a reduced loss must have one element, got shape ",
-                  grad_output.sizes());
-    }
+    check_unit_grad(op, grad_output, unit_grad, reduction);
     units.push_back(dense(unit_grad));
     grad_outputs.push_back(reduction == kReductionNone ? in_layout_of(grad_output, units.back()) : grad_output);
     results.push_back(at::empty_like(units.back()));

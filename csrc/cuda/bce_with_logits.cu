@@ -8,12 +8,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/ones.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -24,28 +20,13 @@
 namespace imggen_fast::cuda {
 namespace {
 
-constexpr int64_t kReductionNone = 0;
-constexpr int64_t kReductionMean = 1;
 // Elements per thread of the sweep: a block covers kThreadsPerBlock * kElementsPerThread
 // elements, always the same ones whatever the grid, so the partial sums are fixed.
 constexpr int kElementsPerThread = 4;
 constexpr int64_t kChunk = static_cast<int64_t>(kThreadsPerBlock) * kElementsPerThread;
 
-// The operands of one sweep over `numel` elements (see csrc/cpu/bce_with_logits.cpp).
 template <typename scalar_t, typename acc_t>
-struct Sweep {
-  const scalar_t* input;
-  int64_t numel;
-  const scalar_t* target;  // null: target_value for every element
-  acc_t target_value;
-  const scalar_t* weight;  // null: unweighted
-  int64_t weight_period;
-  const scalar_t* pos_weight;
-  int64_t pos_weight_period;
-  scalar_t* loss_out;  // null: reduced into partials
-  scalar_t* grad_out;  // null: no gradient
-  acc_t grad_scale;
-};
+using Sweep = BceSweep<scalar_t, acc_t>;
 
 // Sum of the values of a block's threads, by a fixed tree over shared memory.
 template <typename acc_t>
@@ -145,85 +126,6 @@ __global__ void bce_with_logits_backward_kernel(const scalar_t* __restrict__ gra
 // ---------------------------------------------------------------------------------------
 // Host side.
 
-void check_reduction(const char* op, int64_t reduction) {
-  TORCH_CHECK(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
-}
-
-void check_operand(const char* op, const at::Tensor& operand, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(operand.scalar_type() == input.scalar_type(), op, ": ", name, " dtype ", operand.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(operand.device() == input.device(), op, ": ", name, " device ", operand.device(),
-              " does not match input device ", input.device());
-}
-
-// The tensors of one sweep, kept alive for it, in the input's dense layout.
-struct SweepTensors {
-  at::Tensor input;
-  at::Tensor target;
-  PeriodicOperand weight;
-  PeriodicOperand pos_weight;
-  at::Tensor loss;
-  at::Tensor grad;
-
-  template <typename scalar_t, typename acc_t>
-  Sweep<scalar_t, acc_t> sweep(double target_value, acc_t grad_scale) const {
-    const bool weighted = weight.values.defined();
-    return {input.const_data_ptr<scalar_t>(),
-            input.numel(),
-            target.defined() ? target.const_data_ptr<scalar_t>() : nullptr,
-            static_cast<acc_t>(target_value),
-            weighted ? weight.values.const_data_ptr<scalar_t>() : nullptr,
-            weight.period,
-            weighted ? pos_weight.values.const_data_ptr<scalar_t>() : nullptr,
-            pos_weight.period,
-            loss.defined() ? loss.mutable_data_ptr<scalar_t>() : nullptr,
-            grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr,
-            grad_scale};
-  }
-};
-
-SweepTensors sweep_tensors(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& target,
-                           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& pos_weight,
-                           int64_t reduction, bool compute_grad) {
-  SweepTensors tensors;
-  tensors.input = dense(input);
-  if (target.has_value()) {
-    check_same_shape_and_dtype(op, *target, "target", input, "input");
-    tensors.target = in_layout_of(*target, tensors.input);
-  }
-  if (weight.has_value()) {
-    check_operand(op, *weight, "weight", input);
-  }
-  if (pos_weight.has_value()) {
-    check_operand(op, *pos_weight, "pos_weight", input);
-  }
-  if (weight.has_value() || pos_weight.has_value()) {
-    const auto operand = [&](const std::optional<at::Tensor>& value) {
-      return value.has_value() ? periodic_operand(*value, tensors.input)
-                               : PeriodicOperand{at::ones({1}, input.options()), 1};
-    };
-    tensors.weight = operand(weight);
-    tensors.pos_weight = operand(pos_weight);
-  }
-  if (reduction == kReductionNone) {
-    tensors.loss = at::empty_like(tensors.input);
-  }
-  if (compute_grad) {
-    tensors.grad = at::empty_like(tensors.input);
-  }
-  return tensors;
-}
-
-// d loss / d loss_i: 1/N for "mean" (NaN for no elements, as torch's mean), else 1.
-template <typename acc_t>
-acc_t grad_scale(int64_t numel, int64_t reduction) {
-  if (reduction != kReductionMean) {
-    return acc_t(1);
-  }
-  return numel > 0 ? acc_t(1) / static_cast<acc_t>(numel) : std::numeric_limits<acc_t>::quiet_NaN();
-}
-
 int64_t chunk_count(int64_t numel) {
   return (numel + kChunk - 1) / kChunk;
 }
@@ -258,13 +160,14 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits(const at::Tensor& input, cons
   constexpr const char* op = "bce_with_logits";
   check_reduction(op, reduction);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const SweepTensors tensors = sweep_tensors(op, input, target, weight, pos_weight, reduction, compute_grad);
+  // No tiling of short periods (minimum period 1): each thread computes its own index.
+  const BceTensors tensors = bce_tensors(op, input, target, weight, pos_weight, reduction, compute_grad, 1);
   const int64_t numel = tensors.input.numel();
   at::Tensor loss = reduction == kReductionNone ? tensors.loss : at::empty({}, input.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t scale = grad_scale<acc_t>(numel, reduction);
+    const acc_t scale = bce_grad_scale<acc_t>(numel, reduction);
     Sweep<scalar_t, acc_t> nothing = tensors.sweep<scalar_t, acc_t>(0.0, acc_t(0));
     nothing.numel = 0;
     run_sweeps(tensors.sweep<scalar_t, acc_t>(target_value, scale), nothing, scale, acc_t(0), loss, stream);
@@ -276,36 +179,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss(const at::Tensor& real
                                                           double real_label, double fake_label, int64_t reduction,
                                                           bool compute_grad) {
   constexpr const char* op = "gan_d_loss";
-  check_reduction(op, reduction);
-  TORCH_CHECK(real_logits.scalar_type() == fake_logits.scalar_type(), op, ": fake_logits dtype ",
-              fake_logits.scalar_type(), " does not match real_logits dtype ", real_logits.scalar_type());
-  TORCH_CHECK(real_logits.device() == fake_logits.device(), op, ": fake_logits device ", fake_logits.device(),
-              " does not match real_logits device ", real_logits.device());
-  TORCH_CHECK(reduction != kReductionNone || real_logits.sizes() == fake_logits.sizes(), op,
-              ": reduction='none' needs real_logits and fake_logits of one shape, got ", real_logits.sizes(),
-              " and ", fake_logits.sizes());
+  check_gan_d_loss_arguments(op, real_logits, fake_logits, reduction);
   const c10::cuda::CUDAGuard device_guard(real_logits.device());
   const at::Tensor real_input = dense(real_logits);
   const at::Tensor fake_input = reduction == kReductionNone ? in_layout_of(fake_logits, real_input) : dense(fake_logits);
-  const SweepTensors real = sweep_tensors(op, real_input, std::nullopt, std::nullopt, std::nullopt, reduction,
-                                          compute_grad);
-  const SweepTensors fake = sweep_tensors(op, fake_input, std::nullopt, std::nullopt, std::nullopt, reduction,
-                                          compute_grad);
+  const BceTensors real = bce_tensors(op, real_input, std::nullopt, std::nullopt, std::nullopt, reduction,
+                                      compute_grad, 1);
+  const BceTensors fake = bce_tensors(op, fake_input, std::nullopt, std::nullopt, std::nullopt, reduction,
+                                      compute_grad, 1);
   at::Tensor loss = reduction == kReductionNone ? real.loss : at::empty({}, real_logits.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, real_logits.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t real_scale = grad_scale<acc_t>(real_input.numel(), reduction);
-    const acc_t fake_scale = grad_scale<acc_t>(fake_input.numel(), reduction);
+    const acc_t real_scale = bce_grad_scale<acc_t>(real_input.numel(), reduction);
+    const acc_t fake_scale = bce_grad_scale<acc_t>(fake_input.numel(), reduction);
     run_sweeps(real.sweep<scalar_t, acc_t>(real_label, real_scale), fake.sweep<scalar_t, acc_t>(fake_label, fake_scale),
                real_scale, fake_scale, loss, stream);
   });
-  if (reduction == kReductionNone) {
-    loss.add_(fake.loss);
-  }
-  // Two distinct empty tensors when no gradient is stored: outputs must not alias.
-  return {loss, compute_grad ? real.grad : real_logits.new_empty({0}),
-          compute_grad ? fake.grad : fake_logits.new_empty({0})};
+  return gan_d_loss_outputs(loss, real, fake, reduction, compute_grad);
 }
 
 std::vector<at::Tensor> bce_with_logits_backward(const at::Tensor& grad_output, at::TensorList unit_grads,
@@ -316,12 +207,8 @@ std::vector<at::Tensor> bce_with_logits_backward(const at::Tensor& grad_output, 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   std::vector<at::Tensor> results;
   for (const at::Tensor& unit_grad_in : unit_grads) {
-    TORCH_CHECK(unit_grad_in.scalar_type() == grad_output.scalar_type(), op, ": unit_grads dtype ",
-                unit_grad_in.scalar_type(), " does not match grad_output dtype ", grad_output.scalar_type());
+    check_unit_grad(op, grad_output, unit_grad_in, reduction);
     const bool elementwise = reduction == kReductionNone;
-    TORCH_CHECK(elementwise ? grad_output.sizes() == unit_grad_in.sizes() : grad_output.numel() == 1, op,
-                ": grad_output shape ", grad_output.sizes(), " does not fit unit_grads shape ", unit_grad_in.sizes(),
-                " for reduction ", reduction);
     const at::Tensor unit_grad = dense(unit_grad_in);
     const at::Tensor scale = elementwise ? in_layout_of(grad_output, unit_grad) : grad_output;
     at::Tensor grad_input = at::empty_like(unit_grad);
