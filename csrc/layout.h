@@ -7,6 +7,9 @@
 #include <ATen/ops/empty_like.h>
 
 #include <optional>
+#include <algorithm>
+#include <numeric>
+#include <vector>
 
 namespace imggen_fast {
 
@@ -76,6 +79,72 @@ inline std::optional<ChannelLayout> channel_layout(const at::Tensor& tensor, int
 // layouts that are neither contiguous nor channels_last, such as gapped views).
 inline at::Tensor with_channel_layout(const at::Tensor& tensor, int64_t channel_dim) {
   return channel_layout(tensor, channel_dim) ? tensor : tensor.contiguous();
+}
+
+// An operand broadcast against a dense tensor `layout`, seen from a flat sweep over
+// layout's memory: sweep element i reads values[i % period]. The period is the product
+// of the sizes of layout's innermost dims (in memory order) up to the outermost dim along
+// which the operand varies: a tensor of layout's shape and strides has period numel, a
+// per-class vector against (N, C) has period C, a (C, 1, 1) weight against a
+// channels_last (N, C, H, W) tensor has period C, a one-element tensor has period 1.
+// `values` is a 1-D tensor of those `period` elements: a view of the operand when its
+// strides already list them in order, else a copy of just those elements (a per-sample
+// (N, 1) weight against (N, C), say, whose period is the whole tensor).
+struct PeriodicOperand {
+  at::Tensor values;
+  int64_t period;
+};
+
+inline PeriodicOperand periodic_operand(const at::Tensor& operand, const at::Tensor& layout) {
+  const at::Tensor expanded = operand.expand(layout.sizes());
+  // The dims of size > 1, innermost (smallest stride in layout) first.
+  std::vector<int64_t> inner_first;
+  for (int64_t dim = 0; dim < layout.dim(); ++dim) {
+    if (layout.size(dim) > 1) {
+      inner_first.push_back(dim);
+    }
+  }
+  std::stable_sort(inner_first.begin(), inner_first.end(),
+                   [&](int64_t a, int64_t b) { return layout.stride(a) < layout.stride(b); });
+  size_t period_dims = 0;
+  for (size_t k = 0; k < inner_first.size(); ++k) {
+    if (expanded.stride(inner_first[k]) != 0) {
+      period_dims = k + 1;
+    }
+  }
+  int64_t period = 1;
+  bool in_order = true;
+  for (size_t k = 0; k < period_dims; ++k) {
+    in_order = in_order && expanded.stride(inner_first[k]) == period;
+    period *= layout.size(inner_first[k]);
+  }
+  if (in_order) {
+    return {expanded.as_strided({period}, {1}), period};
+  }
+  // Copy the period's elements in layout's memory order: drop the size-1 dims, put the
+  // rest outermost first, and keep index 0 of the dims outside the period (the operand
+  // does not vary along them).
+  at::Tensor view = expanded;
+  std::vector<int64_t> renumbered(layout.dim(), -1);
+  for (int64_t dim = layout.dim() - 1; dim >= 0; --dim) {
+    if (layout.size(dim) == 1) {
+      view = view.select(dim, 0);
+    }
+  }
+  for (int64_t dim = 0, next = 0; dim < layout.dim(); ++dim) {
+    if (layout.size(dim) > 1) {
+      renumbered[dim] = next++;
+    }
+  }
+  std::vector<int64_t> outer_first;
+  for (auto dim = inner_first.rbegin(); dim != inner_first.rend(); ++dim) {
+    outer_first.push_back(renumbered[*dim]);
+  }
+  view = view.permute(outer_first);
+  for (size_t k = period_dims; k < inner_first.size(); ++k) {
+    view = view.select(0, 0);
+  }
+  return {view.contiguous().reshape({period}), period};
 }
 
 }  // namespace imggen_fast

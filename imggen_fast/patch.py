@@ -24,6 +24,7 @@ LAYER_PAIRS: dict[type[nn.Module], type[nn.Module]] = {
 # Eager module type -> drop-in fused type (same attributes, same forward signature).
 MODULE_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     models.vae.Reparameterize: fused_nn.Reparameterize,
+    nn.BCEWithLogitsLoss: fused_nn.BCEWithLogitsLoss,
 }
 
 

@@ -42,6 +42,16 @@ def test_patched_models_compute_the_same_and_unpatch_restores(build, inputs, exp
     assert repr(restored) == repr(eager)
 
 
+def test_bernoulli_vae_loss_is_patched_and_equal():
+    torch.manual_seed(0)
+    eager = models.VAE(image_size=8, channels=1, latent_dim=4, reconstruction="bernoulli").eval()
+    patched = imggen_fast.patch(copy.deepcopy(eager))
+    assert type(patched.reconstruction_loss) is fused_nn.BCEWithLogitsLoss
+    images = torch.rand(5, 1, 8, 8) * 2 - 1
+    torch.testing.assert_close(patched.loss(images), eager.loss(images), rtol=1e-5, atol=1e-5)
+    assert type(imggen_fast.unpatch(patched).reconstruction_loss) is nn.BCEWithLogitsLoss
+
+
 def test_parameters_are_shared_so_an_existing_optimizer_keeps_training_them():
     model = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
     parameters = list(model.parameters())
