@@ -15,11 +15,13 @@
 // the input and weight gradients from ATen. Every call in it goes through the
 // dispatcher with autograd, so double backward (R1 / gradient penalties) works.
 #include <ATen/ATen.h>
+#include <c10/core/WrapDimMinimal.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include "autograd_utils.h"
+#include "layout.h"
 
 #include <cstdlib>
 #include <optional>
@@ -146,11 +148,34 @@ using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std
                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, double);
 using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double);
 
+// True when the backward may overwrite grad_output with grad_pre instead of allocating
+// a buffer of its size (for a large layer, the fresh buffer's page faults cost as much
+// as the sweep): autograd handed grad_output over and nothing else holds it or its
+// storage (the test torch's own AccumulateGrad uses to steal a gradient), it has
+// output's dense strides, no graph is being built (a double backward needs it intact),
+// and it is a plain tensor (not a fake, functional or subclass one being traced).
+bool may_overwrite(const at::Tensor& grad_output, const at::Tensor& output, int64_t channel_dim) {
+  static const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                           c10::DispatchKey::PythonTLSSnapshot});
+  return !at::GradMode::is_enabled() && grad_output.use_count() == 1 && grad_output.has_storage() &&
+         grad_output.storage().use_count() == 1 && !grad_output.key_set().has_any(traced) &&
+         grad_output.scalar_type() == output.scalar_type() && grad_output.sizes() == output.sizes() &&
+         grad_output.strides() == output.strides() && channel_layout(output, channel_dim).has_value();
+}
+
 // (grad_pre, grad_bias) from grad_output and the saved activated output, through the
-// dispatcher with autograd (so the backward is differentiable).
+// dispatcher with autograd (so the backward is differentiable), in place on grad_output
+// when may_overwrite() allows.
 std::tuple<at::Tensor, at::Tensor> pre_activation_grads(const at::Tensor& grad_output, const at::Tensor& output,
                                                         double negative_slope, int64_t channel_dim,
                                                         bool bias_needed) {
+  const int64_t dim = c10::maybe_wrap_dim(channel_dim, output.dim());
+  if (may_overwrite(grad_output, output, dim)) {
+    static const auto op =
+        imggen_fast_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t)>("bias_leaky_relu_backward_");
+    at::Tensor grad_bias = op.call(grad_output, output, negative_slope, dim);
+    return {grad_output, bias_needed ? grad_bias : at::Tensor()};
+  }
   if (bias_needed) {
     static const auto op =
         imggen_fast_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double, int64_t)>(
@@ -236,7 +261,7 @@ class ConvolutionLeakyReLUFunction : public torch::autograd::Function<Convolutio
     return output;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const LayerGradients layer = start_layer_backward(ctx, grads[0], 1);
     at::Tensor grad_input;
     at::Tensor grad_weight;
@@ -269,7 +294,7 @@ class LinearLeakyReLUFunction : public torch::autograd::Function<LinearLeakyReLU
     return output;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const LayerGradients layer = start_layer_backward(ctx, grads[0], -1);
     at::Tensor grad_input;
     at::Tensor grad_weight;

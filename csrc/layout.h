@@ -81,6 +81,14 @@ inline at::Tensor with_channel_layout(const at::Tensor& tensor, int64_t channel_
   return channel_layout(tensor, channel_dim) ? tensor : tensor.contiguous();
 }
 
+// An in-place backward writes grad_output with output's element order: both must have
+// the same strides, and a channel_layout.
+inline void check_in_place_operand(const at::Tensor& grad_output, const at::Tensor& output, int64_t channel_dim) {
+  TORCH_CHECK(grad_output.strides() == output.strides() && channel_layout(output, channel_dim).has_value(),
+              "bias_leaky_relu_backward_: grad_output and output must have the same contiguous or channels_last "
+              "strides");
+}
+
 // An operand broadcast against a dense tensor `layout`, seen from a flat sweep over
 // layout's memory: sweep element i reads values[i % period]. The period is the product
 // of the sizes of layout's innermost dims (in memory order) up to the outermost dim along

@@ -12,6 +12,10 @@ TORCH_LIBRARY(imggen_fast, m) {
   // every dim but channel_dim, in one sweep.
   m.def("bias_leaky_relu_backward(Tensor grad_output, Tensor output, float negative_slope, int channel_dim) "
         "-> (Tensor, Tensor)");
+  // The same in place on grad_output (same strides as output), returning grad_bias: the
+  // layers' backward uses it when nothing else holds grad_output.
+  m.def("bias_leaky_relu_backward_(Tensor(a!) grad_output, Tensor output, float negative_slope, int channel_dim) "
+        "-> Tensor");
   // The fused layers: leaky_relu(layer(input, weight) + bias, negative_slope), with torch's arguments.
   m.def("conv_transpose2d_leaky_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
         "int[2] output_padding, int groups, int[2] dilation, float negative_slope) -> Tensor");

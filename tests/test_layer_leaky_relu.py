@@ -210,6 +210,29 @@ def test_r1_penalty_double_backward_matches_eager():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+def test_backward_overwrites_a_gradient_it_owns_and_matches_eager():
+    """In a chain, a layer's incoming gradient is a fresh tensor nobody else holds: the
+    backward writes the pre-activation gradient into it (no new buffer). A gradient the
+    caller keeps is never overwritten."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(8 * 36, 16), nn.LeakyReLU(0.2),
+                          nn.Linear(16, 4), nn.LeakyReLU(0.2))
+    fused = imggen_fast.patch(copy.deepcopy(eager))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    with torch.profiler.profile() as profiler:
+        (fused(x) * 1.5).sum().backward()
+    names = [event.name for event in profiler.events()]
+    assert "imggen_fast::bias_leaky_relu_backward_" in names
+    (eager(x.detach().requires_grad_()) * 1.5).sum().backward()
+    for got, want in zip(fused.parameters(), eager.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+    kept = torch.randn(2, 4)
+    copy_of_kept = kept.clone()
+    fused[-2](torch.randn(2, 16, requires_grad=True)).backward(kept)
+    assert torch.equal(kept, copy_of_kept)
+
+
 def chain(kind: str) -> nn.Module:
     layers = []
     for index in range(3):

@@ -251,3 +251,17 @@ def test_bias_ops_opcheck(backend):
         torch.library.opcheck(backward, sample, test_utils=utils)
     for sample in [(output.clone(), bias, 0.2, 1), (output.clone(), None, 0.0, 1)]:
         torch.library.opcheck(forward, sample, test_utils=utils)
+
+
+def test_in_place_bias_backward_matches_and_checks_its_operand():
+    grad_output, output, _ = make_bias_case((2, 6, 5, 3), 1, torch.float32, 0.2)
+    op = torch.ops.imggen_fast.bias_leaky_relu_backward_.default
+    expected_input, expected_bias = reference.bias_leaky_relu_backward(grad_output, output, 0.2, 1)
+    for layout in (lambda t: t, channels_last):
+        grad = layout(grad_output.clone())
+        grad_bias = op(grad, layout(output), 0.2, 1)
+        assert_close(grad, expected_input)
+        assert_close(grad_bias, expected_bias, scale=10)
+        torch.library.opcheck(op, (layout(grad_output.clone()), layout(output), 0.2, 1))
+    with pytest.raises(RuntimeError, match="same contiguous or channels_last strides"):
+        op(grad_output.clone(), channels_last(output), 0.2, 1)

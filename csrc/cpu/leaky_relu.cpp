@@ -128,18 +128,16 @@ void bias_leaky_relu_(const at::Tensor& output, const std::optional<at::Tensor>&
 // shape alone, so the sums (and their bits) do not depend on the thread count.
 constexpr int64_t kReductionBlock = 16384;
 
-std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& grad_output,
-                                                            const at::Tensor& output, double negative_slope,
-                                                            int64_t channel_dim) {
-  check_same_shape_and_dtype("bias_leaky_relu_backward", grad_output, "grad_output", output, "output");
-  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
-  const at::Tensor output_dense = with_channel_layout(dense(output), channel_dim);
-  const at::Tensor grad_dense = in_layout_of(grad_output, output_dense);
+// Writes the mask of grad_dense into grad_input (which may be grad_dense itself: each
+// element is read before it is written) and returns the bias gradient, its per-channel
+// sum. output_dense has a channel_layout; grad_dense and grad_input have its strides.
+at::Tensor mask_and_bias_gradient(const at::Tensor& grad_dense, const at::Tensor& output_dense,
+                                  const at::Tensor& grad_input, double negative_slope, int64_t channel_dim) {
+  const at::Tensor& output = output_dense;
   const auto [outer, channels, inner] = *channel_layout(output_dense, channel_dim);
-  at::Tensor grad_input = at::empty_like(output_dense);
   const auto acc_dtype = output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (output.numel() == 0) {
-    return {grad_input, at::zeros({channels}, output.options())};
+    return at::zeros({channels}, output.options());
   }
   // inner == 1: blocks of whole rows, partial sums (blocks, channels).
   // inner > 1: blocks of at most kReductionBlock elements inside each (o, c) plane,
@@ -226,7 +224,29 @@ std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& gr
       }
     }
   });
-  return {grad_input, grad_bias_acc.to(output.scalar_type())};
+  return grad_bias_acc.to(output.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& grad_output,
+                                                            const at::Tensor& output, double negative_slope,
+                                                            int64_t channel_dim) {
+  check_same_shape_and_dtype("bias_leaky_relu_backward", grad_output, "grad_output", output, "output");
+  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
+  const at::Tensor output_dense = with_channel_layout(dense(output), channel_dim);
+  const at::Tensor grad_dense = in_layout_of(grad_output, output_dense);
+  at::Tensor grad_input = at::empty_like(output_dense);
+  at::Tensor grad_bias = mask_and_bias_gradient(grad_dense, output_dense, grad_input, negative_slope, channel_dim);
+  return {grad_input, grad_bias};
+}
+
+// The same in place on grad_output (which must have output's dense strides); returns the
+// bias gradient. The layers' backward uses it when it owns grad_output outright.
+at::Tensor bias_leaky_relu_backward_(const at::Tensor& grad_output, const at::Tensor& output, double negative_slope,
+                                     int64_t channel_dim) {
+  check_same_shape_and_dtype("bias_leaky_relu_backward_", grad_output, "grad_output", output, "output");
+  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
+  check_in_place_operand(grad_output, output, channel_dim);
+  return mask_and_bias_gradient(grad_output, output, grad_output, negative_slope, channel_dim);
 }
 
 }  // namespace
@@ -235,6 +255,7 @@ TORCH_LIBRARY_IMPL(imggen_fast, CPU, m) {
   m.impl("leaky_relu_backward_from_output", &leaky_relu_backward_from_output);
   m.impl("bias_leaky_relu_", &bias_leaky_relu_);
   m.impl("bias_leaky_relu_backward", &bias_leaky_relu_backward);
+  m.impl("bias_leaky_relu_backward_", &bias_leaky_relu_backward_);
 }
 
 }  // namespace imggen_fast::cpu

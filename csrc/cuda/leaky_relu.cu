@@ -121,9 +121,8 @@ __device__ acc_t block_sum(acc_t value, acc_t* shared) {
 // Grid (chunks, channels): masks one chunk of a channel's outer * inner elements and
 // writes the chunk's sum to partials[channel, chunk].
 template <typename scalar_t>
-__global__ void bias_leaky_relu_backward_kernel(const scalar_t* __restrict__ grad_output,
-                                                const scalar_t* __restrict__ output,
-                                                scalar_t* __restrict__ grad_input,
+__global__ void bias_leaky_relu_backward_kernel(const scalar_t* grad_output,  // may alias grad_input
+                                                const scalar_t* __restrict__ output, scalar_t* grad_input,
                                                 at::opmath_type<scalar_t>* __restrict__ partials, int64_t outer,
                                                 int64_t channels, int64_t inner,
                                                 at::opmath_type<scalar_t> negative_slope) {
@@ -164,27 +163,24 @@ __global__ void channel_sum_kernel(const at::opmath_type<scalar_t>* __restrict__
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& grad_output,
-                                                            const at::Tensor& output, double negative_slope,
-                                                            int64_t channel_dim) {
-  check_same_shape_and_dtype("bias_leaky_relu_backward", grad_output, "grad_output", output, "output");
-  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
-  const c10::cuda::CUDAGuard device_guard(output.device());
-  const at::Tensor output_dense = with_channel_layout(dense(output), channel_dim);
-  const at::Tensor grad_dense = in_layout_of(grad_output, output_dense);
+// Writes the mask of grad_dense into grad_input (which may be grad_dense itself) and
+// returns the bias gradient. output_dense has a channel_layout; grad_dense and
+// grad_input have its strides.
+at::Tensor mask_and_bias_gradient(const at::Tensor& grad_dense, const at::Tensor& output_dense,
+                                  const at::Tensor& grad_input, double negative_slope, int64_t channel_dim) {
   const auto [outer, channels, inner] = *channel_layout(output_dense, channel_dim);
-  at::Tensor grad_input = at::empty_like(output_dense);
-  at::Tensor grad_bias = at::empty({channels}, output.options());
-  if (output.numel() == 0) {
-    return {grad_input, grad_bias.zero_()};
+  at::Tensor grad_bias = at::empty({channels}, output_dense.options());
+  if (output_dense.numel() == 0) {
+    return grad_bias.zero_();
   }
   const int64_t chunks = (outer * inner + kReductionChunk - 1) / kReductionChunk;
   TORCH_CHECK(chunks < (int64_t{1} << 31) && channels < 65536,
               "bias_leaky_relu_backward: tensor too large for the CUDA grid (", channels, " channels)");
-  const auto acc_dtype = output.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partials = at::empty({channels, chunks}, output.options().dtype(acc_dtype));
+  const auto acc_dtype = output_dense.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partials = at::empty({channels, chunks}, output_dense.options().dtype(acc_dtype));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "bias_leaky_relu_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output_dense.scalar_type(), "bias_leaky_relu_backward",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned int>(chunks), static_cast<unsigned int>(channels));
     bias_leaky_relu_backward_kernel<scalar_t><<<grid, kThreadsPerBlock, 0, stream>>>(
@@ -196,7 +192,29 @@ std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& gr
         partials.const_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<scalar_t>(), chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return grad_bias;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& grad_output,
+                                                            const at::Tensor& output, double negative_slope,
+                                                            int64_t channel_dim) {
+  check_same_shape_and_dtype("bias_leaky_relu_backward", grad_output, "grad_output", output, "output");
+  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
+  const c10::cuda::CUDAGuard device_guard(output.device());
+  const at::Tensor output_dense = with_channel_layout(dense(output), channel_dim);
+  const at::Tensor grad_dense = in_layout_of(grad_output, output_dense);
+  at::Tensor grad_input = at::empty_like(output_dense);
+  at::Tensor grad_bias = mask_and_bias_gradient(grad_dense, output_dense, grad_input, negative_slope, channel_dim);
   return {grad_input, grad_bias};
+}
+
+at::Tensor bias_leaky_relu_backward_(const at::Tensor& grad_output, const at::Tensor& output, double negative_slope,
+                                     int64_t channel_dim) {
+  check_same_shape_and_dtype("bias_leaky_relu_backward_", grad_output, "grad_output", output, "output");
+  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
+  check_in_place_operand(grad_output, output, channel_dim);
+  const c10::cuda::CUDAGuard device_guard(output.device());
+  return mask_and_bias_gradient(grad_output, output, grad_output, negative_slope, channel_dim);
 }
 
 }  // namespace
@@ -205,6 +223,7 @@ TORCH_LIBRARY_IMPL(imggen_fast, CUDA, m) {
   m.impl("leaky_relu_backward_from_output", &leaky_relu_backward_from_output);
   m.impl("bias_leaky_relu_", &bias_leaky_relu_);
   m.impl("bias_leaky_relu_backward", &bias_leaky_relu_backward);
+  m.impl("bias_leaky_relu_backward_", &bias_leaky_relu_backward_);
 }
 
 }  // namespace imggen_fast::cuda

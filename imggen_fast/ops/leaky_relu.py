@@ -92,6 +92,14 @@ def _bias_backward_backward(ctx, grad_grad_input, grad_grad_bias):
     return leaky_relu_backward_from_output(total, saved_output, ctx.negative_slope), None, None, None
 
 
+def _bias_backward_in_place_fake(grad_output, output, negative_slope, channel_dim):
+    return output.new_empty(output.shape[channel_dim])
+
+
+# The in-place variant writes grad_pre into grad_output and returns grad_bias. Only the
+# layers' C++ backward calls it, when it owns grad_output outright (csrc/layer_leaky_relu.cpp).
+cpp_op("bias_leaky_relu_backward_", _bias_backward_in_place_fake)
+
 BIAS_BACKWARD = _implementations("bias_leaky_relu_backward", reference.bias_leaky_relu_backward,
                                  _bias_backward_fake, _bias_backward_backward, _bias_backward_setup_context)
 
