@@ -157,7 +157,10 @@ def _quiet_stderr():
 
 
 def compiled(function: Callable) -> Callable:
-    """``torch.compile`` of an eager function (inductor); compiled on first call."""
+    """``torch.compile`` of an eager function (inductor), compiled afresh on first call: the
+    compile caches are cleared, so a case never reuses code compiled by another case under
+    another configuration (see :func:`no_donated_buffers`)."""
+    torch._dynamo.reset()
     return torch.compile(function, backend="inductor")
 
 
@@ -165,8 +168,8 @@ def no_donated_buffers():
     """A context in which torch.compile compiles backwards that can run twice on one graph.
 
     By default it donates buffers to its backward, which then refuses retain_graph=True,
-    as timing a backward alone needs. Only functions compiled inside the context change.
-    Used for every direction, so the compiled provider is the same in all of them."""
+    as timing a backward alone needs. A backward-only case runs its forward and every
+    backward inside this context (torch.compile reads the setting at each call)."""
     import torch._functorch.config
 
     return torch._functorch.config.patch(donated_buffer=False)
@@ -174,8 +177,9 @@ def no_donated_buffers():
 
 def backward_only(outputs_fn: Callable[[], torch.Tensor | tuple],
                   grads: Callable[[tuple], tuple] | None = None) -> Callable[[], object]:
-    """A function timing only the backward of ``outputs_fn()``: the forward runs once here,
-    the graph is kept, and each call back-propagates the same gradients through it."""
+    """A function timing only the backward of ``outputs_fn()``: the forward runs once here
+    (compiling, for torch.compile, without donated buffers), the graph is kept, and each
+    call back-propagates the same gradients through it."""
     with no_donated_buffers():
         outputs = outputs_fn()
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -183,19 +187,22 @@ def backward_only(outputs_fn: Callable[[], torch.Tensor | tuple],
     grad_outputs = grads(outputs) if grads else tuple(torch.ones_like(output) for output in outputs)
 
     def run() -> None:
-        torch.autograd.backward(outputs, grad_outputs, retain_graph=True)
+        # torch.compile checks the setting at every backward call, not only at compile
+        # time; the context costs a few microseconds, the same for every provider.
+        with no_donated_buffers():
+            torch.autograd.backward(outputs, grad_outputs, retain_graph=True)
 
     return run
 
 
 def run_case(benchmark, case: Case, budget_seconds: float = 2.0) -> dict[str, object]:
     """Times ``case`` with pytest-benchmark's ``benchmark`` fixture and records its figures
-    in ``extra_info``: enough rounds to fill about ``budget_seconds`` (3 to 50), after a
+    in ``extra_info``: enough rounds to fill about ``budget_seconds`` (5 to 50), after a
     warm-up that also sizes them."""
     function = case.make()
     start = time.perf_counter()
     function()
-    rounds = int(min(50, max(3, budget_seconds / max(time.perf_counter() - start, 1e-6))))
+    rounds = int(min(50, max(5, budget_seconds / max(time.perf_counter() - start, 1e-6))))
     benchmark.pedantic(function, rounds=rounds, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update(case.info(benchmark.stats.stats.median, copy_bandwidth_gbps(), matmul_gflops()))
     return benchmark.extra_info

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from .. import nn as fused_nn
-from .common import (COMPILE, DIRECTIONS, EAGER, IMGGEN_FAST, Case, backward_only, compiled, no_donated_buffers,
-                     saved_bytes)
+from .common import COMPILE, DIRECTIONS, EAGER, IMGGEN_FAST, Case, backward_only, compiled, saved_bytes
 
 EAGER_INPLACE = "eager_inplace"
 BARE = "bare"
@@ -117,12 +116,11 @@ def build(layer: Layer, provider: str, seed: int = 0) -> tuple[nn.Module, torch.
 
 def _make(layer: Layer, provider: str, direction: str):
     module, x = build(layer, provider)
-    with no_donated_buffers():  # compiles torch.compile's module, see no_donated_buffers
-        grad = torch.randn_like(module(x))
+    if direction == "backward":
+        return backward_only(lambda: module(x), lambda outputs: (torch.randn_like(outputs[0]),))
+    grad = torch.randn_like(module(x))  # also compiles torch.compile's module
     if direction == "forward":
         return lambda: module(x)
-    if direction == "backward":
-        return backward_only(lambda: module(x), lambda outputs: (grad,))
     return lambda: module(x).backward(grad)
 
 

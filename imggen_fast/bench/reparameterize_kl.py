@@ -51,20 +51,12 @@ def _maker(provider: str, shape: tuple[int, int], direction: str):
         generator = torch.Generator().manual_seed(0)
         mu = torch.randn(shape, generator=generator).requires_grad_()
         logvar = (torch.randn(shape, generator=generator) * 0.5).requires_grad_()
-        if provider == COMPILE:
-            torch._dynamo.reset()  # each case compiles afresh, under its own configuration
         forward = _forward(provider, mu, logvar)
-        if provider == COMPILE and direction == "backward":
-            # Timing backward alone replays one graph (retain_graph=True), which a compiled
-            # backward allows only without donated buffers; they are chosen when it compiles.
-            with torch._functorch.config.patch(donated_buffer=False):
-                forward()
-        else:
-            forward()  # compiles (torch.compile) and builds the kernels before timing
+        if direction == "backward":
+            return backward_only(forward)  # compiles, for torch.compile, as a backward-only case must
+        forward()  # compiles (torch.compile) and builds the kernels before timing
         if direction == "forward":
             return forward
-        if direction == "backward":
-            return backward_only(forward)
         grad_z, grad_kl = torch.ones(shape), torch.ones(())
 
         def forward_and_backward() -> None:
