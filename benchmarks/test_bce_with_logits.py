@@ -5,19 +5,10 @@
 import pytest
 
 from imggen_fast.bench import bce_with_logits
-from imggen_fast.bench.common import copy_bandwidth_gbps
-
-CASES = bce_with_logits.cases()
+from imggen_fast.bench.common import run_case
 
 
-@pytest.fixture(scope="session")
-def copy_gbps() -> float:
-    """The copy bandwidth, measured once in this run."""
-    return copy_bandwidth_gbps()
-
-
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_bce_with_logits(benchmark, case, copy_gbps):
-    run = case.make()
-    benchmark(run)
-    benchmark.extra_info.update(case.info(benchmark.stats.stats.median, copy_gbps=copy_gbps))
+@pytest.mark.parametrize("case", bce_with_logits.cases(), ids=lambda case: case.id)
+def test_bce_with_logits(benchmark, case):
+    benchmark.group = f"{case.op}-{case.size}-{case.direction}"
+    run_case(benchmark, case)

@@ -9,7 +9,7 @@ from imggen_fast.bench.common import run_case
 
 @pytest.mark.parametrize("case", layer_leaky_relu.cases(), ids=lambda case: case.id)
 def test_layer_leaky_relu(benchmark, case):
-    benchmark.group = f"{case.size} {case.direction}"
+    benchmark.group = f"{case.op}-{case.size}-{case.direction}"
     info = run_case(benchmark, case)
     layer = next(layer for layer in layer_leaky_relu.LAYERS if layer.name == case.size)
     info["bytes_kept_for_backward"] = layer_leaky_relu.kept_for_backward(layer, case.provider)

@@ -197,12 +197,12 @@ def backward_only(outputs_fn: Callable[[], torch.Tensor | tuple],
 
 def run_case(benchmark, case: Case, budget_seconds: float = 2.0) -> dict[str, object]:
     """Times ``case`` with pytest-benchmark's ``benchmark`` fixture and records its figures
-    in ``extra_info``: enough rounds to fill about ``budget_seconds`` (5 to 50), after a
+    in ``extra_info``: enough rounds to fill about ``budget_seconds`` (5 to 500), after a
     warm-up that also sizes them."""
     function = case.make()
     start = time.perf_counter()
     function()
-    rounds = int(min(50, max(5, budget_seconds / max(time.perf_counter() - start, 1e-6))))
+    rounds = int(min(500, max(5, budget_seconds / max(time.perf_counter() - start, 1e-6))))
     benchmark.pedantic(function, rounds=rounds, warmup_rounds=1, iterations=1)
     benchmark.extra_info.update(case.info(benchmark.stats.stats.median, copy_bandwidth_gbps(), matmul_gflops()))
     return benchmark.extra_info
