@@ -178,9 +178,12 @@ def _register_autocast(qualified_name: str) -> None:
 
 
 def _cpp_loader(name: str):
-    fake, autograd = _FORWARDS[name]
+    # The C++ ops' autograd is C++ (csrc/bce_with_logits_autograd.cpp), the same formula as
+    # the Triton ops' Python one above: the Python path of register_autograd cost more
+    # than eager's whole forward and backward at a DCGAN batch of 64 logits.
+    fake, _ = _FORWARDS[name]
     _build.on_load(lambda: _register_autocast(f"imggen_fast::{name}"))
-    return cpp_op(name, fake, *autograd("imggen_fast"))
+    return cpp_op(name, fake)
 
 
 # The backward op has no autograd of its own: it runs only in a first backward (a double

@@ -1,0 +1,187 @@
+// Autograd of the BCE-with-logits ops, in C++ for the reason given in
+// csrc/autograd_utils.h (at 64 logits the Python path cost more than eager's whole
+// forward and backward). The forward sweep stores the gradient for grad_output = 1; a
+// first backward scales it (imggen_fast::bce_with_logits_backward). A double backward
+// (create_graph=True: a penalty on the loss's gradient) uses the eager formula of the
+// gradient, which autograd differentiates. The kernels are in csrc/cpu and csrc/cuda.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "autograd_utils.h"
+
+namespace imggen_fast {
+namespace {
+
+constexpr int64_t kReductionMean = 1;
+
+using BceSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, double,
+                                                        const std::optional<at::Tensor>&,
+                                                        const std::optional<at::Tensor>&, int64_t, bool);
+using GanSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
+                                                                    double, int64_t, bool);
+using BackwardSignature = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, int64_t);
+
+std::vector<at::Tensor> scale_stored(const at::Tensor& grad_loss, at::TensorList unit_grads, int64_t reduction) {
+  static const auto op = imggen_fast_op<BackwardSignature>("bce_with_logits_backward");
+  return op.call(grad_loss, unit_grads, reduction);
+}
+
+// grad_loss * d loss / d input in differentiable ATen ops: w * (l * sigmoid(x) - p * y),
+// l = 1 + (p - 1) * y (p = 1 without pos_weight), divided by N for "mean".
+at::Tensor eager_gradient(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& target,
+                          const at::Tensor& weight, const at::Tensor& pos_weight, int64_t reduction) {
+  const at::Tensor sigmoid = at::sigmoid(input);
+  at::Tensor unit = pos_weight.defined() ? (1.0 + (pos_weight - 1.0) * target) * sigmoid - pos_weight * target
+                                         : sigmoid - target;
+  if (weight.defined()) {
+    unit = unit * weight;
+  }
+  if (reduction == kReductionMean) {
+    unit = unit / static_cast<double>(input.numel());
+  }
+  return grad_loss * unit;
+}
+
+// True when the stored unit gradient serves: it was computed, and no graph of the
+// backward is being built.
+bool stored_gradient_serves(AutogradContext* ctx) {
+  return ctx->saved_data["compute_grad"].toBool() && !at::GradMode::is_enabled();
+}
+
+at::Tensor defined_or_undefined(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() ? *tensor : at::Tensor();
+}
+
+// The kernels do not differentiate target, weight or pos_weight (torch does not
+// differentiate weight either); a gradient asked of them is an error, not a silent zero.
+// imggen_fast.functional sends such calls to the reference before they get here.
+void check_not_differentiated(AutogradContext* ctx) {
+  static const char* const names[] = {"target", "weight", "pos_weight"};
+  const auto given = ctx->saved_data["given"].toBoolList();
+  size_t edge = 1;  // autograd's inputs: input, then each optional tensor that was given
+  for (size_t k = 0; k < given.size(); ++k) {
+    if (given[k]) {
+      TORCH_CHECK(!ctx->needs_input_grad(edge), "imggen_fast::bce_with_logits is not differentiable with respect to ",
+                  names[k]);
+      ++edge;
+    }
+  }
+}
+
+class BceWithLogitsFunction : public torch::autograd::Function<BceWithLogitsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& target,
+                               double target_value, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& pos_weight, int64_t reduction, bool compute_grad) {
+    static const auto op = imggen_fast_op<BceSignature>("bce_with_logits");
+    at::Tensor loss;
+    at::Tensor unit_grad;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(loss, unit_grad) = op.call(input, target, target_value, weight, pos_weight, reduction, compute_grad);
+    }
+    ctx->mark_non_differentiable({unit_grad});
+    // The inputs are kept only for a double backward; they are references, not copies.
+    ctx->save_for_backward({unit_grad, input, defined_or_undefined(target), defined_or_undefined(weight),
+                            defined_or_undefined(pos_weight)});
+    ctx->saved_data["target_value"] = target_value;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["compute_grad"] = compute_grad;
+    ctx->saved_data["given"] = std::vector<bool>{target.has_value(), weight.has_value(), pos_weight.has_value()};
+    ctx->set_materialize_grads(false);
+    return {loss, unit_grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_not_differentiated(ctx);
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_input;
+    if (grads[0].defined()) {
+      if (stored_gradient_serves(ctx)) {
+        grad_input = scale_stored(grads[0], {saved[0]}, reduction)[0];
+      } else {
+        const at::Tensor target =
+            saved[2].defined() ? saved[2] : at::full_like(saved[1], ctx->saved_data["target_value"].toDouble());
+        grad_input = eager_gradient(grads[0], saved[1], target, saved[3], saved[4], reduction);
+      }
+    }
+    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+class GanDiscriminatorLossFunction : public torch::autograd::Function<GanDiscriminatorLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& real_logits, const at::Tensor& fake_logits,
+                               double real_label, double fake_label, int64_t reduction, bool compute_grad) {
+    static const auto op = imggen_fast_op<GanSignature>("gan_d_loss");
+    at::Tensor loss;
+    at::Tensor grad_real;
+    at::Tensor grad_fake;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(loss, grad_real, grad_fake) =
+          op.call(real_logits, fake_logits, real_label, fake_label, reduction, compute_grad);
+    }
+    ctx->mark_non_differentiable({grad_real, grad_fake});
+    ctx->save_for_backward({grad_real, grad_fake, real_logits, fake_logits});
+    ctx->saved_data["real_label"] = real_label;
+    ctx->saved_data["fake_label"] = fake_label;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["compute_grad"] = compute_grad;
+    ctx->set_materialize_grads(false);
+    return {loss, grad_real, grad_fake};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad_real;
+    at::Tensor grad_fake;
+    if (grads[0].defined()) {
+      if (stored_gradient_serves(ctx)) {
+        const auto scaled = scale_stored(grads[0], {saved[0], saved[1]}, reduction);
+        grad_real = scaled[0];
+        grad_fake = scaled[1];
+      } else {
+        const at::Tensor none;
+        grad_real = eager_gradient(grads[0], saved[2], at::full_like(saved[2], ctx->saved_data["real_label"].toDouble()),
+                                   none, none, reduction);
+        grad_fake = eager_gradient(grads[0], saved[3], at::full_like(saved[3], ctx->saved_data["fake_label"].toDouble()),
+                                   none, none, reduction);
+      }
+    }
+    return {grad_real, grad_fake, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_autograd(const at::Tensor& input,
+                                                            const std::optional<at::Tensor>& target,
+                                                            double target_value,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& pos_weight,
+                                                            int64_t reduction, bool compute_grad) {
+  auto results = BceWithLogitsFunction::apply(input, target, target_value, weight, pos_weight, reduction, compute_grad);
+  return {results[0], results[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss_autograd(const at::Tensor& real_logits,
+                                                                   const at::Tensor& fake_logits, double real_label,
+                                                                   double fake_label, int64_t reduction,
+                                                                   bool compute_grad) {
+  auto results =
+      GanDiscriminatorLossFunction::apply(real_logits, fake_logits, real_label, fake_label, reduction, compute_grad);
+  return {results[0], results[1], results[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imggen_fast, Autograd, m) {
+  m.impl("bce_with_logits", &bce_with_logits_autograd);
+  m.impl("gan_d_loss", &gan_d_loss_autograd);
+}
+
+}  // namespace imggen_fast
