@@ -7,7 +7,9 @@
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
 
 #include <string>
 
@@ -21,6 +23,26 @@ template <typename Signature>
 c10::TypedOperatorHandle<Signature> imggen_fast_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("imggen_fast::") + name).c_str(), "")
       .template typed<Signature>();
+}
+
+// True when a backward may overwrite `tensor` instead of allocating a result of its size
+// (for a large tensor the fresh buffer's page faults cost as much as the sweep): no graph
+// of the backward is being built, `tensor` is referenced from at most `references`
+// places (the test torch's own AccumulateGrad uses to steal a gradient) and its storage
+// from this tensor alone, and it is a plain tensor (not a fake, functional or subclass
+// one being traced).
+inline bool owned_outright(const at::Tensor& tensor, size_t references) {
+  static const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                           c10::DispatchKey::PythonTLSSnapshot});
+  return !c10::GradMode::is_enabled() && tensor.defined() && tensor.use_count() <= references &&
+         tensor.has_storage() && tensor.storage().use_count() == 1 && !tensor.key_set().has_any(traced);
+}
+
+// True when a backward may overwrite a tensor it saved: as owned_outright, where the
+// references are the saved variable and the unpacked copy in hand, and the graph is
+// freed after this backward (no retain_graph=True), so nothing reads the tensor again.
+inline bool saved_owned_outright(const at::Tensor& saved) {
+  return !torch::autograd::get_current_graph_task_keep_graph() && owned_outright(saved, 2);
 }
 
 }  // namespace imggen_fast

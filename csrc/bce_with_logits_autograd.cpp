@@ -5,9 +5,12 @@
 // (create_graph=True: a penalty on the loss's gradient) uses the eager formula of the
 // gradient, which autograd differentiates. The kernels are in csrc/cpu and csrc/cuda.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "autograd_utils.h"
@@ -15,6 +18,7 @@
 namespace imggen_fast {
 namespace {
 
+constexpr int64_t kReductionNone = 0;
 constexpr int64_t kReductionMean = 1;
 
 using BceSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, double,
@@ -24,9 +28,50 @@ using GanSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Te
                                                                     double, int64_t, bool);
 using BackwardSignature = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, int64_t);
 
-std::vector<at::Tensor> scale_stored(const at::Tensor& grad_loss, at::TensorList unit_grads, int64_t reduction) {
+// True when `value` is a one-element CPU tensor equal to 1.
+bool is_cpu_one(const at::Tensor& value) {
+  if (!value.is_cpu() || value.numel() != 1) {
+    return false;
+  }
+  bool one = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "is_cpu_one",
+                                  [&] { one = static_cast<double>(*value.const_data_ptr<scalar_t>()) == 1.0; });
+  return one;
+}
+
+// The tensors saved[index] for each index, moved out of `saved`.
+std::vector<at::Tensor> moved(variable_list& saved, std::initializer_list<size_t> indices) {
+  std::vector<at::Tensor> tensors;
+  for (const size_t index : indices) {
+    tensors.push_back(std::move(saved[index]));
+  }
+  return tensors;
+}
+
+// grad_loss * each stored unit gradient. Unit gradients this backward owns outright
+// (keep_stored_gradients_for_backward; no retain_graph) become the results, scaled in
+// place: no buffer of the input's size is allocated (its page faults cost more than the
+// scaling), and the forward's buffer is the one memory reuses. The scaling is skipped
+// when grad_loss is a CPU number equal to 1, what loss.backward() passes (reading one
+// value from host memory is not a device sync; a CUDA grad_loss is never read). The
+// callers move the saved tensors in, so no extra reference hides ownership.
+std::vector<at::Tensor> scale_stored(const at::Tensor& grad_loss, std::vector<at::Tensor> unit_grads,
+                                     int64_t reduction) {
   static const auto op = imggen_fast_op<BackwardSignature>("bce_with_logits_backward");
-  return op.call(grad_loss, unit_grads, reduction);
+  bool in_place = true;
+  for (const at::Tensor& unit_grad : unit_grads) {
+    in_place = in_place && saved_owned_outright(unit_grad) && unit_grad.scalar_type() == grad_loss.scalar_type() &&
+               (reduction != kReductionNone || unit_grad.sizes() == grad_loss.sizes());
+  }
+  if (!in_place) {
+    return op.call(grad_loss, unit_grads, reduction);
+  }
+  if (!is_cpu_one(grad_loss)) {
+    for (const at::Tensor& unit_grad : unit_grads) {
+      unit_grad.mul_(grad_loss);
+    }
+  }
+  return unit_grads;
 }
 
 // grad_loss * d loss / d input in differentiable ATen ops: w * (l * sigmoid(x) - p * y),
@@ -98,11 +143,11 @@ class BceWithLogitsFunction : public torch::autograd::Function<BceWithLogitsFunc
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_not_differentiated(ctx);
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const auto saved = ctx->get_saved_variables();
+    auto saved = ctx->get_saved_variables();
     at::Tensor grad_input;
     if (grads[0].defined()) {
       if (stored_gradient_serves(ctx)) {
-        grad_input = scale_stored(grads[0], {saved[0]}, reduction)[0];
+        grad_input = scale_stored(grads[0], moved(saved, {0}), reduction)[0];
       } else {
         const at::Tensor target =
             saved[2].defined() ? saved[2] : at::full_like(saved[1], ctx->saved_data["target_value"].toDouble());
@@ -138,12 +183,12 @@ class GanDiscriminatorLossFunction : public torch::autograd::Function<GanDiscrim
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const auto saved = ctx->get_saved_variables();
+    auto saved = ctx->get_saved_variables();
     at::Tensor grad_real;
     at::Tensor grad_fake;
     if (grads[0].defined()) {
       if (stored_gradient_serves(ctx)) {
-        const auto scaled = scale_stored(grads[0], {saved[0], saved[1]}, reduction);
+        const auto scaled = scale_stored(grads[0], moved(saved, {0, 1}), reduction);
         grad_real = scaled[0];
         grad_fake = scaled[1];
       } else {
@@ -158,6 +203,20 @@ class GanDiscriminatorLossFunction : public torch::autograd::Function<GanDiscrim
   }
 };
 
+// When autograd recorded the call (the loss has a grad_fn), the stored gradients
+// (results[1:]) are the backward's alone: the caller gets distinct empty tensors in their
+// place. A tensor handed to Python keeps a reference for as long as it lives, so
+// otherwise the backward could never tell that nobody else reads it, and would have to
+// allocate its result rather than scale the stored gradient in place.
+void keep_stored_gradients_for_backward(variable_list& results) {
+  if (!results[0].grad_fn()) {
+    return;
+  }
+  for (size_t k = 1; k < results.size(); ++k) {
+    results[k] = results[k].new_empty({0});
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> bce_with_logits_autograd(const at::Tensor& input,
                                                             const std::optional<at::Tensor>& target,
                                                             double target_value,
@@ -165,6 +224,7 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_autograd(const at::Tensor& in
                                                             const std::optional<at::Tensor>& pos_weight,
                                                             int64_t reduction, bool compute_grad) {
   auto results = BceWithLogitsFunction::apply(input, target, target_value, weight, pos_weight, reduction, compute_grad);
+  keep_stored_gradients_for_backward(results);
   return {results[0], results[1]};
 }
 
@@ -174,6 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss_autograd(const at::Ten
                                                                    bool compute_grad) {
   auto results =
       GanDiscriminatorLossFunction::apply(real_logits, fake_logits, real_label, fake_label, reduction, compute_grad);
+  keep_stored_gradients_for_backward(results);
   return {results[0], results[1], results[2]};
 }
 

@@ -148,19 +148,12 @@ using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std
                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, double);
 using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double);
 
-// True when the backward may overwrite grad_output with grad_pre instead of allocating
-// a buffer of its size (for a large layer, the fresh buffer's page faults cost as much
-// as the sweep): autograd handed grad_output over and nothing else holds it or its
-// storage (the test torch's own AccumulateGrad uses to steal a gradient), it has
-// output's dense strides, no graph is being built (a double backward needs it intact),
-// and it is a plain tensor (not a fake, functional or subclass one being traced).
+// True when the backward may overwrite grad_output with grad_pre: autograd handed it over
+// and nothing else holds it (owned_outright), and it has output's dense strides.
 bool may_overwrite(const at::Tensor& grad_output, const at::Tensor& output, int64_t channel_dim) {
-  static const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                           c10::DispatchKey::PythonTLSSnapshot});
-  return !at::GradMode::is_enabled() && grad_output.use_count() == 1 && grad_output.has_storage() &&
-         grad_output.storage().use_count() == 1 && !grad_output.key_set().has_any(traced) &&
-         grad_output.scalar_type() == output.scalar_type() && grad_output.sizes() == output.sizes() &&
-         grad_output.strides() == output.strides() && channel_layout(output, channel_dim).has_value();
+  return owned_outright(grad_output, 1) && grad_output.scalar_type() == output.scalar_type() &&
+         grad_output.sizes() == output.sizes() && grad_output.strides() == output.strides() &&
+         channel_layout(output, channel_dim).has_value();
 }
 
 // (grad_pre, grad_bias) from grad_output and the saved activated output, through the

@@ -309,6 +309,54 @@ def test_auto_backend_and_gradient_stored_only_when_needed(backend):
     assert_close(unit_grad, expected_loss_and_grad(input, 1.0, grad_output=torch.tensor(1.0))[1])
 
 
+@pytest.mark.parametrize("grad_scale", [1.0, 0.5])
+def test_stored_gradient_survives_retain_graph_and_accumulates(grad_scale):
+    # The backward takes over the stored gradient (scaled in place, or as is for a unit
+    # grad_output) only when the graph is freed after it: a retained graph's second
+    # backward must still see the stored values.
+    input = logits((7, 5)).requires_grad_()
+    real, fake = logits((4, 3), seed=2).requires_grad_(), logits((4, 3), seed=3).requires_grad_()
+    target = soft_labels((7, 5))
+    _, expected = expected_loss_and_grad(input, target, grad_output=torch.tensor(grad_scale))
+    _, expected_real = expected_loss_and_grad(real, 1.0, grad_output=torch.tensor(grad_scale))
+    _, expected_fake = expected_loss_and_grad(fake, 0.0, grad_output=torch.tensor(grad_scale))
+    for loss, leaves, expected_grads in (
+            (functional.bce_with_logits(input, target), (input,), (expected,)),
+            (functional.gan_d_loss(real, fake), (real, fake), (expected_real, expected_fake))):
+        loss = loss * grad_scale if grad_scale != 1.0 else loss
+        loss.backward(retain_graph=True)
+        first = [leaf.grad.clone() for leaf in leaves]
+        loss.backward()
+        for leaf, grad, expected_grad in zip(leaves, first, expected_grads):
+            assert_close(grad, expected_grad)
+            assert_close(leaf.grad, 2 * expected_grad)
+
+
+def test_backward_takes_over_the_stored_gradient():
+    # Under autograd the C++ forward hands the caller an empty tensor in place of the
+    # stored gradient, and the backward returns that gradient, scaled in place: forward +
+    # backward allocate one buffer of the input's size per input, not two.
+    from imggen_fast.bench.common import peak_memory_bytes
+
+    shape = (256, 1024)
+    input, target = logits(shape).requires_grad_(), soft_labels(shape)
+    real, fake = logits(shape, seed=2).requires_grad_(), logits(shape, seed=3).requires_grad_()
+    size = input.numel() * input.element_size()
+    _, unit_grad = torch.ops.imggen_fast.bce_with_logits(input, target, 0.0, None, None, 1, True)
+    assert unit_grad.numel() == 0
+    for grad_output in (None, torch.tensor(0.5)):
+        grads = {}
+        peak = peak_memory_bytes(lambda: grads.update(bce=torch.autograd.grad(
+            functional.bce_with_logits(input, target), input, grad_output)))
+        assert peak < 1.5 * size, (grad_output, peak, size)
+        peak = peak_memory_bytes(lambda: grads.update(gan=torch.autograd.grad(
+            functional.gan_d_loss(real, fake), (real, fake), grad_output)))
+        assert peak < 2.5 * size, (grad_output, peak, size)
+        scale = torch.tensor(1.0 if grad_output is None else 0.5)
+        assert_close(grads["bce"][0], expected_loss_and_grad(input, target, grad_output=scale)[1])
+        assert_close(grads["gan"][1], expected_loss_and_grad(fake, 0.0, grad_output=scale)[1])
+
+
 def opcheck_samples(dtype=torch.float32):
     """(op name, args) for every op: reductions, tensor and number targets, weights, layouts."""
     x, y = logits((4, 6), dtype), soft_labels((4, 6), dtype)

@@ -9,7 +9,10 @@ same schemas; reduction as ``at::Reduction``: 0 none, 1 mean, 2 sum):
   materialised). weight and pos_weight broadcast to input's shape; the kernels read them
   periodically over input's memory, copying at most one period (``periodic_operand`` in
   csrc/layout.h). With ``compute_grad`` the same sweep writes ``grad_input``, the
-  gradient for ``grad_output = 1`` (1/N included for "mean"); else it is empty.
+  gradient for ``grad_output = 1`` (1/N included for "mean"); else it is empty. When
+  the C++ op's autograd records the call, the stored gradient is kept for the backward
+  alone (which scales it in place and returns it) and the caller gets an empty tensor
+  in its place: csrc/bce_with_logits_autograd.cpp says why.
 * ``gan_d_loss(real_logits, fake_logits, real_label, fake_label, reduction,
   compute_grad) -> (loss, grad_real, grad_fake)``: ``bce(real, real_label) +
   bce(fake, fake_label)``, one sweep over both.
