@@ -11,6 +11,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/graph_task.h>
 
+#include <optional>
 #include <string>
 
 namespace imggen_fast {
@@ -25,15 +26,25 @@ c10::TypedOperatorHandle<Signature> imggen_fast_op(const char* name) {
       .template typed<Signature>();
 }
 
+// An optional tensor as a possibly undefined one (what save_for_backward stores), and back.
+inline at::Tensor defined_or_undefined(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() ? *tensor : at::Tensor();
+}
+
+inline std::optional<at::Tensor> defined_or_none(const at::Tensor& tensor) {
+  return tensor.defined() ? std::optional<at::Tensor>(tensor) : std::nullopt;
+}
+
 // True when a backward may overwrite `tensor` instead of allocating a result of its size
 // (for a large tensor the fresh buffer's page faults cost as much as the sweep): no graph
 // of the backward is being built, `tensor` is referenced from at most `references`
 // places (the test torch's own AccumulateGrad uses to steal a gradient) and its storage
 // from this tensor alone, and it is a plain tensor (not a fake, functional or subclass
-// one being traced).
+// one being traced, nor a lazy zero, conjugate or negative view).
 inline bool owned_outright(const at::Tensor& tensor, size_t references) {
   static const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                           c10::DispatchKey::PythonTLSSnapshot});
+                                           c10::DispatchKey::PythonTLSSnapshot, c10::DispatchKey::ZeroTensor,
+                                           c10::DispatchKey::Conjugate, c10::DispatchKey::Negative});
   return !c10::GradMode::is_enabled() && tensor.defined() && tensor.use_count() <= references &&
          tensor.has_storage() && tensor.storage().use_count() == 1 && !tensor.key_set().has_any(traced);
 }

@@ -238,8 +238,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss_outputs(at::Ten
 // reduction "none" (grad_output has one element otherwise).
 inline void check_unit_grad(const char* op, const at::Tensor& grad_output, const at::Tensor& unit_grad,
                             int64_t reduction) {
-  TORCH_CHECK(unit_grad.scalar_type() == grad_output.scalar_type(), op, ": unit_grads dtype ",
-              unit_grad.scalar_type(), " does not match grad_output dtype ", grad_output.scalar_type());
+  check_same_dtype_and_device(op, unit_grad, "unit_grads", grad_output, "grad_output");
   TORCH_CHECK(reduction == kReductionNone ? grad_output.sizes() == unit_grad.sizes() : grad_output.numel() == 1, op,
               ": grad_output shape ", grad_output.sizes(), " does not fit unit_grads shape ", unit_grad.sizes(),
               " for reduction ", reduction);

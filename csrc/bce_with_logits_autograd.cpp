@@ -1,7 +1,8 @@
 // Autograd of the BCE-with-logits ops, in C++ for the reason given in
 // csrc/autograd_utils.h (at 64 logits the Python path cost more than eager's whole
 // forward and backward). The forward sweep stores the gradient for grad_output = 1; a
-// first backward scales it (imggen_fast::bce_with_logits_backward). A double backward
+// first backward takes it over and scales it in place (scale_stored), or, when it does
+// not own it, scales a copy (imggen_fast::bce_with_logits_backward). A double backward
 // (create_graph=True: a penalty on the loss's gradient) uses the eager formula of the
 // gradient, which autograd differentiates. The kernels are in csrc/cpu and csrc/cuda.
 #include <ATen/ATen.h>
@@ -14,12 +15,11 @@
 #include <vector>
 
 #include "autograd_utils.h"
+#include "bce_with_logits.h"
 
 namespace imggen_fast {
 namespace {
 
-constexpr int64_t kReductionNone = 0;
-constexpr int64_t kReductionMean = 1;
 
 using BceSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, double,
                                                         const std::optional<at::Tensor>&,
@@ -94,10 +94,6 @@ at::Tensor eager_gradient(const at::Tensor& grad_loss, const at::Tensor& input, 
 // backward is being built.
 bool stored_gradient_serves(AutogradContext* ctx) {
   return ctx->saved_data["compute_grad"].toBool() && !at::GradMode::is_enabled();
-}
-
-at::Tensor defined_or_undefined(const std::optional<at::Tensor>& tensor) {
-  return tensor.has_value() ? *tensor : at::Tensor();
 }
 
 // The kernels do not differentiate target, weight or pos_weight (torch does not

@@ -14,8 +14,11 @@
 // the bias gradient in one sweep (imggen_fast::bias_leaky_relu_backward), then takes
 // the input and weight gradients from ATen. Every call in it goes through the
 // dispatcher with autograd, so double backward (R1 / gradient penalties) works.
+// Autocast kernels (AutocastCPU, AutocastCUDA) cast the operands as eager's layers do.
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <c10/core/WrapDimMinimal.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
@@ -33,9 +36,8 @@ namespace {
 
 at::Tensor apply_bias_leaky_relu(const at::Tensor& output, const std::optional<at::Tensor>& bias,
                                  double negative_slope, int64_t channel_dim) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("imggen_fast::bias_leaky_relu_", "")
-                             .typed<void(const at::Tensor&, const std::optional<at::Tensor>&, double, int64_t)>();
+  static const auto op =
+      imggen_fast_op<void(const at::Tensor&, const std::optional<at::Tensor>&, double, int64_t)>("bias_leaky_relu_");
   op.call(output, bias, negative_slope, channel_dim);
   return output;
 }
@@ -325,7 +327,60 @@ at::Tensor linear_leaky_relu_autograd(const at::Tensor& input, const at::Tensor&
   return LinearLeakyReLUFunction::apply(input, weight, bias, negative_slope);
 }
 
+// Autocast: under torch.autocast the layers run in its lower-precision dtype, as torch's
+// own convolutions and matmuls do (eager casts input, weight and bias before the layer).
+// Without these kernels only the nested ATen call would be cast, and the epilogue and
+// the backward would meet mixed dtypes. float64 operands are left alone (autocast's rule).
+template <c10::DeviceType kDevice>
+struct AutocastLayers {
+  template <typename Operand>
+  static Operand cast(const Operand& operand) {
+    return at::autocast::cached_cast(at::autocast::get_lower_precision_fp_from_device_type(kDevice), operand, kDevice);
+  }
+
+  static c10::impl::ExcludeDispatchKeyGuard outside_autocast() {
+    return c10::impl::ExcludeDispatchKeyGuard(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  }
+
+  static at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
+                                     at::IntArrayRef dilation, double negative_slope) {
+    static const auto op = imggen_fast_op<ConvTransposeSignature>("conv_transpose2d_leaky_relu");
+    const auto guard = outside_autocast();
+    return op.call(cast(input), cast(weight), cast(bias), stride, padding, output_padding, groups, dilation,
+                   negative_slope);
+  }
+
+  static at::Tensor conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           double negative_slope) {
+    static const auto op = imggen_fast_op<ConvSignature>("conv2d_leaky_relu");
+    const auto guard = outside_autocast();
+    return op.call(cast(input), cast(weight), cast(bias), stride, padding, dilation, groups, negative_slope);
+  }
+
+  static at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           double negative_slope) {
+    static const auto op = imggen_fast_op<LinearSignature>("linear_leaky_relu");
+    const auto guard = outside_autocast();
+    return op.call(cast(input), cast(weight), cast(bias), negative_slope);
+  }
+};
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(imggen_fast, AutocastCPU, m) {
+  m.impl("conv_transpose2d_leaky_relu", &AutocastLayers<c10::DeviceType::CPU>::conv_transpose2d);
+  m.impl("conv2d_leaky_relu", &AutocastLayers<c10::DeviceType::CPU>::conv2d);
+  m.impl("linear_leaky_relu", &AutocastLayers<c10::DeviceType::CPU>::linear);
+}
+
+TORCH_LIBRARY_IMPL(imggen_fast, AutocastCUDA, m) {
+  m.impl("conv_transpose2d_leaky_relu", &AutocastLayers<c10::DeviceType::CUDA>::conv_transpose2d);
+  m.impl("conv2d_leaky_relu", &AutocastLayers<c10::DeviceType::CUDA>::conv2d);
+  m.impl("linear_leaky_relu", &AutocastLayers<c10::DeviceType::CUDA>::linear);
+}
 
 TORCH_LIBRARY_IMPL(imggen_fast, CompositeExplicitAutograd, m) {
   m.impl("conv_transpose2d_leaky_relu", &conv_transpose2d_leaky_relu);

@@ -75,8 +75,9 @@ inline std::optional<ChannelLayout> channel_layout(const at::Tensor& tensor, int
   return std::nullopt;
 }
 
-// `tensor` if channel_layout() can describe it, else a contiguous copy (only for
-// layouts that are neither contiguous nor channels_last, such as gapped views).
+// `tensor` if channel_layout() can describe it, else a contiguous copy: only for layouts
+// that are neither contiguous nor 4-D channels_last (gapped views, channels_last_3d),
+// which the fused layers never produce: their outputs are one or the other.
 inline at::Tensor with_channel_layout(const at::Tensor& tensor, int64_t channel_dim) {
   return channel_layout(tensor, channel_dim) ? tensor : tensor.contiguous();
 }

@@ -1,6 +1,7 @@
 // The schemas of every imggen_fast C++/CUDA op. Kernels register themselves for the
-// CPU key in csrc/cpu/<op>.cpp and for the CUDA key in csrc/cuda/<op>.cu; fake
-// (meta) implementations and autograd are attached from Python in imggen_fast/ops/.
+// CPU key in csrc/cpu/<op>.cpp and for the CUDA key in csrc/cuda/<op>.cu, autograd for
+// the Autograd key in csrc/<op>_autograd.cpp (csrc/layer_leaky_relu.cpp for the
+// layers); fake (meta) implementations are attached from Python in imggen_fast/ops/.
 #include <torch/library.h>
 
 TORCH_LIBRARY(imggen_fast, m) {
@@ -34,7 +35,9 @@ TORCH_LIBRARY(imggen_fast, m) {
   // of input's shape, or (target=None) the number target_value for every element; weight
   // and pos_weight broadcast to input's shape; reduction as at::Reduction (0 none, 1 mean,
   // 2 sum). With compute_grad, the same sweep writes grad_input = d loss / d input for
-  // grad_output = 1 (else grad_input is empty); the backward scales it.
+  // grad_output = 1 (else grad_input is empty); the backward scales it. When autograd
+  // records the call, the stored gradients stay with the backward and the caller gets
+  // empty tensors (csrc/bce_with_logits_autograd.cpp).
   m.def("bce_with_logits(Tensor input, Tensor? target, float target_value, Tensor? weight, Tensor? pos_weight, "
         "int reduction, bool compute_grad) -> (Tensor loss, Tensor grad_input)");
   // GAN discriminator loss bce(real_logits, real_label) + bce(fake_logits, fake_label), each

@@ -18,9 +18,9 @@ def check_floating_tensor(value: object, name: str, function: str) -> torch.Tens
 
 
 def check_matches(value: torch.Tensor, name: str, other: torch.Tensor, other_name: str, function: str,
-                  *, shape: bool = True) -> None:
-    """``value`` must have ``other``'s dtype and device, and (if ``shape``) its shape."""
-    if value.dtype != other.dtype:
+                  *, shape: bool = True, dtype: bool = True) -> None:
+    """``value`` must have ``other``'s device, and (if ``dtype``, ``shape``) its dtype and shape."""
+    if dtype and value.dtype != other.dtype:
         raise TypeError(f"{function}: {name} has dtype {value.dtype} but {other_name} has {other.dtype}; "
                         "they must match")
     if value.device != other.device:
@@ -48,12 +48,19 @@ def check_choice(value: object, name: str, choices: tuple[str, ...], function: s
     return value
 
 
+def autocasting(tensor: torch.Tensor) -> bool:
+    """True when torch.autocast is on for ``tensor``'s device: the layers then take
+    operands of mixed floating dtypes, as torch's do, and cast them."""
+    return torch.is_autocast_enabled(tensor.device.type)
+
+
 def check_optional_bias(bias: object, input: torch.Tensor, channels: int, function: str) -> None:
-    """``bias`` must be None or a 1-D tensor of ``channels`` elements with input's dtype and device."""
+    """``bias`` must be None or a 1-D tensor of ``channels`` elements with input's device
+    and dtype (any floating dtype under autocast)."""
     if bias is None:
         return
     check_floating_tensor(bias, "bias", function)
-    check_matches(bias, "bias", input, "input", function, shape=False)
+    check_matches(bias, "bias", input, "input", function, shape=False, dtype=not autocasting(input))
     if bias.shape != (channels,):
         raise ValueError(f"{function}: bias must have shape ({channels},), got {tuple(bias.shape)}")
 
@@ -69,10 +76,25 @@ def pair(value: object, name: str, function: str, minimum: int) -> list[int]:
     return list(values)
 
 
-def check_groups(groups: object, in_channels: int, out_channels: int, function: str) -> int:
+def check_groups(groups: object, in_channels: int, out_channels: int | None, function: str) -> int:
+    """``groups`` as an int: positive, dividing ``in_channels`` and, when given,
+    ``out_channels`` (a transposed convolution's are a multiple of it by construction)."""
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{function}: groups must be a positive integer, got {groups!r}")
-    if in_channels % groups or out_channels % groups:
-        raise ValueError(f"{function}: groups={groups} must divide the input channels ({in_channels}) and the "
-                         f"output channels ({out_channels})")
+    if in_channels % groups:
+        raise ValueError(f"{function}: groups={groups} must divide the input channels ({in_channels})")
+    if out_channels is not None and out_channels % groups:
+        raise ValueError(f"{function}: groups={groups} must divide the output channels ({out_channels})")
     return groups
+
+
+def convolution_output_size(input_size: tuple[int, int], kernel_size: tuple[int, int], stride: list[int],
+                            padding: list[int], dilation: list[int],
+                            output_padding: list[int] | None = None) -> list[int]:
+    """[H_out, W_out] of a convolution (``output_padding`` None) or of a transposed
+    convolution, by torch's formulas, from (H, W), (kH, kW) and the pairs."""
+    if output_padding is None:
+        return [(input_size[axis] + 2 * padding[axis] - dilation[axis] * (kernel_size[axis] - 1) - 1) // stride[axis]
+                + 1 for axis in range(2)]
+    return [(input_size[axis] - 1) * stride[axis] - 2 * padding[axis] + dilation[axis] * (kernel_size[axis] - 1)
+            + output_padding[axis] + 1 for axis in range(2)]

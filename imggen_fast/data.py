@@ -67,7 +67,8 @@ def digits(image_size: int = 32, channels: int = 1, split: str = "all") -> Image
 def image_folder(path: str | Path, image_size: int, channels: int = 3) -> ImageDataset:
     """Every image under ``path`` (searched recursively), center-cropped to a square,
     resized to ``image_size`` and scaled to [-1, 1]. The label of an image is the index
-    of its first-level subfolder in sorted order (0 for images directly in ``path``)."""
+    of its first-level subfolder in sorted order, or 0 for all when the images lie
+    directly in ``path`` (a folder holding both is an error: the labels would mix)."""
     _check_size(image_size, channels, "image_folder")
     from PIL import Image, UnidentifiedImageError
 
@@ -80,6 +81,9 @@ def image_folder(path: str | Path, image_size: int, channels: int = 3) -> ImageD
     if not files:
         raise ValueError(f"image_folder: no images in {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    if classes and any(len(p.relative_to(root).parts) == 1 for p in files):
+        raise ValueError(f"image_folder: {str(root)!r} holds images both directly and in subfolders "
+                         f"({', '.join(classes)}); put them all in class subfolders, or none")
     class_index = {name: index for index, name in enumerate(classes)}
     mode = "L" if channels == 1 else "RGB"
     images, labels = [], []

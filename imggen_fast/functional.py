@@ -31,7 +31,8 @@ def leaky_relu_backward_from_output(grad_output: torch.Tensor, output: torch.Ten
 def _check_layer_tensors(input: object, weight: object, function: str, weight_dim: int) -> None:
     _checks.check_floating_tensor(input, "input", function)
     _checks.check_floating_tensor(weight, "weight", function)
-    _checks.check_matches(weight, "weight", input, "input", function, shape=False)
+    _checks.check_matches(weight, "weight", input, "input", function, shape=False,
+                          dtype=not _checks.autocasting(input))
     if weight.dim() != weight_dim:
         raise ValueError(f"{function}: weight must be {weight_dim}-D, got shape {tuple(weight.shape)}")
 
@@ -64,7 +65,7 @@ def conv_transpose2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias:
     if weight.shape[0] != input.shape[-3]:
         raise ValueError(f"{name}: weight must have shape (C_in={input.shape[-3]}, C_out / groups, kH, kW), got "
                          f"{tuple(weight.shape)}")
-    groups = _checks.check_groups(groups, weight.shape[0], weight.shape[0], name)
+    groups = _checks.check_groups(groups, weight.shape[0], None, name)
     _checks.check_optional_bias(bias, input, weight.shape[1] * groups, name)
     stride = _checks.pair(stride, "stride", name, 1)
     padding = _checks.pair(padding, "padding", name, 0)
@@ -74,8 +75,8 @@ def conv_transpose2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias:
         if output_padding[axis] >= max(stride[axis], dilation[axis]):
             raise ValueError(f"{name}: output_padding must be smaller than stride or dilation, got "
                              f"output_padding={output_padding}, stride={stride}, dilation={dilation}")
-    size = [(input.shape[-2 + axis] - 1) * stride[axis] - 2 * padding[axis]
-            + dilation[axis] * (weight.shape[2 + axis] - 1) + output_padding[axis] + 1 for axis in range(2)]
+    size = _checks.convolution_output_size(input.shape[-2:], weight.shape[2:], stride, padding, dilation,
+                                           output_padding)
     _check_output_size(*size, input, name)
     negative_slope = _checks.check_negative_slope(negative_slope, name)
     if input.dim() == 3:
@@ -117,8 +118,7 @@ def conv2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         padding = [total // 2 for total in totals]
     else:
         padding = _checks.pair(padding, "padding", name, 0)
-    size = [(input.shape[-2 + axis] + 2 * padding[axis] - dilation[axis] * (weight.shape[2 + axis] - 1) - 1)
-            // stride[axis] + 1 for axis in range(2)]
+    size = _checks.convolution_output_size(input.shape[-2:], weight.shape[2:], stride, padding, dilation)
     _check_output_size(*size, input, name)
     if input.dim() == 3:
         return _layers.conv2d_leaky_relu(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
@@ -179,17 +179,12 @@ def _reduction_code(reduction: object, function: str) -> int:
         _checks.check_choice(reduction, "reduction", _bce_with_logits.REDUCTIONS, function))
 
 
-def _label(value: object, name: str, function: str) -> float:
-    """A target given as a Python number (a label such as 1.0, or 0.9 for label smoothing)."""
+def _label(value: object, name: str, function: str, expected: str = "a number") -> float:
+    """A target given as a Python number (a label such as 1.0, or 0.9 for label smoothing);
+    ``expected`` says what the argument may be, for the error."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{function}: {name} must be a tensor or a number, got {type(value).__name__}")
+        raise TypeError(f"{function}: {name} must be {expected}, got {type(value).__name__}")
     return float(value)
-
-
-def _check_same_device(value: torch.Tensor, name: str, input: torch.Tensor, function: str) -> None:
-    if value.device != input.device:
-        raise ValueError(f"{function}: {name} is on {value.device} but input is on {input.device}; "
-                         "they must be on the same device")
 
 
 def bce_with_logits(input: torch.Tensor, target: torch.Tensor | float, weight: torch.Tensor | None = None,
@@ -213,19 +208,19 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor | float, weight: t
         if target.shape != input.shape:
             raise ValueError(f"{name}: target has shape {tuple(target.shape)} but input has {tuple(input.shape)}; "
                              "they must match (the target does not broadcast)")
-        _check_same_device(target, "target", input, name)
+        _checks.check_matches(target, "target", input, "input", name, shape=False, dtype=False)
         if target.dtype != input.dtype:
             unsupported = f"target dtype {target.dtype} differs from input dtype {input.dtype} (torch promotes)"
         elif target.requires_grad and torch.is_grad_enabled():
             unsupported = "the kernels do not compute the gradient with respect to target"
     else:
-        target_value = _label(target, "target", name)
+        target_value = _label(target, "target", name, "a tensor or a number")
         target = None
     for operand, operand_name in ((weight, "weight"), (pos_weight, "pos_weight")):
         if operand is None:
             continue
         _checks.check_floating_tensor(operand, operand_name, name)
-        _check_same_device(operand, operand_name, input, name)
+        _checks.check_matches(operand, operand_name, input, "input", name, shape=False, dtype=False)
         if operand.dim() > input.dim() or any(
                 size not in (1, input_size) for size, input_size in zip(operand.shape[::-1], input.shape[::-1])):
             raise ValueError(f"{name}: {operand_name} of shape {tuple(operand.shape)} does not broadcast to input's "

@@ -475,6 +475,17 @@ def test_fallback_to_reference_warns_once_and_matches_torch():
         functional.bce_with_logits(input, target64)
 
 
+def test_triton_sends_float64_to_the_reference():
+    """The Triton kernels compute in float32: float64 calls go to the reference, warned once."""
+    input, target = logits((4, 5), torch.float64), soft_labels((4, 5), torch.float64)
+    backends._warned.clear()
+    with imggen_fast.set_backend("triton"), pytest.warns(backends.FallbackWarning, match="not float64"):
+        loss = functional.bce_with_logits(input, target)
+        d_loss = functional.gan_d_loss(input, target)
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(input, target), rtol=1e-12, atol=0)
+    torch.testing.assert_close(d_loss, two_call_d_loss(input, target, 1.0, 0.0, "mean"), rtol=1e-12, atol=0)
+
+
 def test_nn_modules():
     weight, pos_weight = soft_labels((5,)), soft_labels((5,), seed=3) * 2
     ours = nn.BCEWithLogitsLoss(weight=weight, reduction="sum", pos_weight=pos_weight)
@@ -523,7 +534,7 @@ GAN_BAD_INPUTS = [
     (lambda r, f: (r, f.double()), {}, TypeError, "fake_logits has dtype"),
     (lambda r, f: (r, f[:3]), {"reduction": "none"}, ValueError, "fake_logits has shape"),
     (lambda r, f: (r, f), {"reduction": "batchmean"}, ValueError, "reduction must be one of"),
-    (lambda r, f: (r, f), {"real_label": "1"}, TypeError, "real_label must be a tensor or a number"),
+    (lambda r, f: (r, f), {"real_label": "1"}, TypeError, "real_label must be a number, got str"),
 ]
 
 

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from imggen_fast.bench import common, layer_leaky_relu
+from imggen_fast.bench import bce_with_logits, common, layer_leaky_relu, reparameterize_kl
 
 
 @pytest.mark.parametrize("case", layer_leaky_relu.cases(layers=[layer_leaky_relu.LAYERS[0]]),
@@ -15,6 +15,23 @@ def test_layer_cases_run(case):
     info = case.info(median_seconds=1e-3, copy_gbps=10.0, matmul_gflops=50.0)
     assert info["GFLOP/s"] == pytest.approx(case.flops / 1e-3 / 1e9, rel=0.01)
     assert 0 < info["share_of_matmul"]
+
+
+# The smallest size of the other suites, forward + backward, every provider but
+# torch.compile (its cases compile afresh: tens of seconds each on 2 cores).
+SMALL_CASES = [case for case in reparameterize_kl.cases() if case.size == "128x32" and case.direction == "both"]
+SMALL_CASES += bce_with_logits.cases(sizes=("64",))
+
+
+@pytest.mark.parametrize("case", [case for case in SMALL_CASES if case.provider != common.COMPILE],
+                         ids=lambda case: case.id)
+def test_loss_and_bottleneck_cases_run(case):
+    function = case.make()
+    gradients = function()  # the loss cases return the gradients; the bottleneck's accumulate them
+    assert gradients is None or all(torch.isfinite(gradient).all() for gradient in gradients)
+    info = case.info(median_seconds=1e-6, copy_gbps=10.0)  # GB/s is rounded to 2 decimals
+    assert info["GB/s"] == pytest.approx(case.bytes_moved / 1e-6 / 1e9, rel=0.01)
+    assert 0 < info["share_of_copy_bandwidth"]
 
 
 def test_kept_for_backward_one_layer_and_the_generator():

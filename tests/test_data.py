@@ -74,3 +74,13 @@ def test_image_folder_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no images in"):
         data.image_folder(empty, image_size=8)
+
+
+def test_image_folder_rejects_loose_images_beside_class_folders(tmp_path):
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "cats" / "a.png")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "loose.png")
+    with pytest.raises(ValueError, match="both directly and in subfolders"):
+        data.image_folder(tmp_path, image_size=8)
+    (tmp_path / "loose.png").unlink()
+    assert data.image_folder(tmp_path, image_size=8).labels.tolist() == [0]

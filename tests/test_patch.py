@@ -86,3 +86,48 @@ def test_patch_twice_is_harmless_and_inplace_activations_round_trip():
     assert isinstance(model[0], fused_nn.Conv2dLeakyReLU) and isinstance(model[1], FusedAway)
     imggen_fast.unpatch(model)
     assert type(model[0]) is nn.Conv2d and model[1].inplace and model[1].negative_slope == 0.1
+
+
+def test_unpatch_keeps_fused_layers_it_did_not_create():
+    built_fused = fused_nn.LinearLeakyReLU(3, 3, negative_slope=0.2)
+    model = nn.Sequential(built_fused, nn.Linear(3, 3), nn.LeakyReLU(0.1))
+    imggen_fast.unpatch(imggen_fast.patch(model))
+    assert model[0] is built_fused
+    assert type(model[1]) is nn.Linear and type(model[2]) is nn.LeakyReLU and model[2].negative_slope == 0.1
+    assert not hasattr(model[1], "negative_slope")
+
+
+def test_pairs_whose_fusion_would_change_the_model_are_left_alone():
+    class Reversed(nn.Sequential):
+        def forward(self, x):  # children run last to first: the order proves nothing
+            for module in reversed(self):
+                x = module(x)
+            return x
+
+    seen = []
+    hooked_layer = nn.Linear(3, 3)
+    hooked_layer.register_forward_hook(lambda module, args, output: seen.append(output))
+    hooked_activation = nn.LeakyReLU()
+    hooked_activation.register_forward_pre_hook(lambda module, args: seen.append(args))
+    model = nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU(-0.5),  # negative slope: not a fused layer's contract
+                          Reversed(nn.Linear(3, 3), nn.LeakyReLU()),
+                          nn.Sequential(hooked_layer, nn.LeakyReLU()),
+                          nn.Sequential(nn.Linear(3, 3), hooked_activation))
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    expected = model(x)
+    imggen_fast.patch(model)
+    assert not fused_layers(model) and not any(isinstance(m, FusedAway) for m in model.modules())
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_hook_handles_made_before_patch_still_work():
+    calls = []
+    model = nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU(0.2))
+    handle = model[0].register_forward_pre_hook(lambda module, args: calls.append(1))  # sees the input only
+    imggen_fast.patch(model)
+    assert isinstance(model[0], fused_nn.LinearLeakyReLU)
+    model(torch.randn(2, 3))
+    handle.remove()
+    model(torch.randn(2, 3))
+    assert calls == [1]

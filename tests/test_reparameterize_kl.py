@@ -484,6 +484,10 @@ def test_direct_op_call_with_bad_arguments_raises_not_crashes():
         op(mu, logvar, None, torch.tensor([1.0]), 1.0, "sum")
     with pytest.raises(RuntimeError, match="logvar shape"):
         op(mu, logvar[:2], None, torch.tensor([1]), 1.0, "sum")
+    eps = torch.randn(3, 4, requires_grad=True)
+    z, _ = op(mu.requires_grad_(), logvar, eps, None, 1.0, "sum")
+    with pytest.raises(RuntimeError, match="not differentiable with respect to eps"):
+        torch.autograd.grad(z.sum(), (mu, eps))
 
 
 # --- The module -----------------------------------------------------------------------

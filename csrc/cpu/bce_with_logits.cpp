@@ -2,7 +2,8 @@
 //
 // The forward is one vectorized, parallel sweep that reduces the loss (fixed blocks,
 // fixed order: deterministic) and, when asked, writes the gradient for grad_output = 1
-// in the same sweep; the backward scales that stored gradient by grad_output (why it is
+// in the same sweep; the backward op scales that stored gradient by grad_output into a
+// new tensor, when the autograd's in-place scaling cannot be used (why the gradient is
 // stored rather than recomputed: imggen_fast/ops/bce_with_logits.py).
 //
 // Operands are read as flat arrays over the input's dense memory (contiguous or

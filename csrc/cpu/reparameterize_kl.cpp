@@ -10,8 +10,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,7 +32,7 @@ namespace {
 using namespace reparameterize_kl;  // the host helpers shared with the other device's kernels
 
 // Elements per reduction segment: one sample's elements are summed in segments of this
-// many, so a large sample still spreads over both cores.
+// many, so a large sample still spreads over every thread.
 constexpr int64_t kSegment = 4096;
 
 using FloatVec = at::vec::Vectorized<float>;
@@ -582,74 +580,11 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
   return {grad_mu, grad_logvar};
 }
 
-// Autograd of the forward op, for every device (the Autograd key sits above CPU and
-// CUDA). It is C++ rather than torch.library.register_autograd because the op is
-// overhead-bound at VAE latent sizes: on the development machine a forward call through
-// register_autograd's Python autograd.Function took 113 us on a 2 x 4 input, through
-// this one 21 us, and the backward runs no Python at all.
-// It saves mu, logvar and the seed (or eps), and calls the backward op.
-using ForwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                             const c10::optional<at::Tensor>&,
-                                                             const c10::optional<at::Tensor>&, double, c10::string_view);
-using BackwardSignature = std::tuple<at::Tensor, at::Tensor>(
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, c10::string_view);
-
-c10::optional<at::Tensor> defined_or_none(const at::Tensor& tensor) {
-  return tensor.defined() ? c10::optional<at::Tensor>(tensor) : c10::nullopt;
-}
-
-class ReparameterizeKLFunction : public torch::autograd::Function<ReparameterizeKLFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& mu,
-                                                const at::Tensor& logvar, const c10::optional<at::Tensor>& eps,
-                                                const c10::optional<at::Tensor>& seed, double beta,
-                                                c10::string_view reduction) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("imggen_fast::reparameterize_kl_forward", "")
-                               .typed<ForwardSignature>();
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [z, kl] = op.call(mu, logvar, eps, seed, beta, reduction);
-    ctx->save_for_backward({mu, logvar, eps.value_or(at::Tensor()), seed.value_or(at::Tensor())});
-    ctx->saved_data["beta"] = beta;
-    ctx->saved_data["reduction"] = std::string(reduction);
-    // z or kl may be unused: their gradient then stays undefined and the kernel skips it.
-    ctx->set_materialize_grads(false);
-    return {z, kl};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("imggen_fast::reparameterize_kl_backward", "")
-                               .typed<BackwardSignature>();
-    const auto saved = ctx->get_saved_variables();
-    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
-    auto [grad_mu, grad_logvar] =
-        op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0], saved[1],
-                defined_or_none(saved[2]), defined_or_none(saved[3]), ctx->saved_data["beta"].toDouble(), reduction);
-    return {ctx->needs_input_grad(0) ? grad_mu : at::Tensor(), ctx->needs_input_grad(1) ? grad_logvar : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward_autograd(const at::Tensor& mu, const at::Tensor& logvar,
-                                                                      const c10::optional<at::Tensor>& eps,
-                                                                      const c10::optional<at::Tensor>& seed,
-                                                                      double beta, c10::string_view reduction) {
-  const auto outputs = ReparameterizeKLFunction::apply(mu, logvar, eps, seed, beta, reduction);
-  return {outputs[0], outputs[1]};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imggen_fast, CPU, m) {
   m.impl("reparameterize_kl_forward", &reparameterize_kl_forward);
   m.impl("reparameterize_kl_backward", &reparameterize_kl_backward);
-}
-
-TORCH_LIBRARY_IMPL(imggen_fast, Autograd, m) {
-  m.impl("reparameterize_kl_forward", &reparameterize_kl_forward_autograd);
 }
 
 }  // namespace imggen_fast::cpu

@@ -83,8 +83,9 @@ void bias_leaky_relu_(const at::Tensor& output, const std::optional<at::Tensor>&
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == layout->channels && bias->is_contiguous() &&
-                    bias->scalar_type() == output.scalar_type(),
-                "bias_leaky_relu_: bias must be a contiguous (", layout->channels, ") tensor of output's dtype");
+                    bias->scalar_type() == output.scalar_type() && bias->device() == output.device(),
+                "bias_leaky_relu_: bias must be a contiguous (", layout->channels,
+                ") tensor of output's dtype on output's device");
   }
   const int64_t numel = output.numel();
   if (numel == 0) {

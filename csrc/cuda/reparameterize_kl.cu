@@ -177,8 +177,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward(const at::Tensor& m
   at::Tensor z = at::empty_like(operands.mu);
   if (operands.mu.numel() == 0) {
     // Every per-sample sum is 0 (or there are none): kl is factor * 0, NaN for the means of nothing.
-    const auto shape = per_sample_kl ? at::IntArrayRef{samples} : at::IntArrayRef{};
-    return {z, at::full(shape, factor * 0.0, mu.options())};
+    return {z, at::full(per_sample_kl ? at::IntArrayRef{samples} : at::IntArrayRef{}, factor * 0.0, mu.options())};
   }
   at::Tensor kl = at::empty(per_sample_kl ? at::IntArrayRef{samples} : at::IntArrayRef{}, mu.options());
   const unsigned int blocks = grid_blocks(operands, kForwardName);

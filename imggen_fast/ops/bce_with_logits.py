@@ -234,6 +234,18 @@ GAN_D_LOSS = backends.Implementations(
     triton=_triton_loader("gan_d_loss"))
 
 
+# The Triton kernels load and accumulate in float32: float64 would lose its precision.
+_TRITON_FLOAT64 = "the Triton kernels compute in float32, not float64"
+
+
+def _select(implementations: backends.Implementations, input: torch.Tensor, unsupported: str | None = None):
+    """The implementation serving a call on ``input``: the reference where ``unsupported``
+    says why the kernels do not cover it, or for float64 where Triton was chosen."""
+    if unsupported is None and input.dtype == torch.float64:
+        return implementations.select(input.device, _TRITON_FLOAT64, uncovered_by=("triton",))
+    return implementations.select(input.device, unsupported)
+
+
 def bce_with_logits(input: torch.Tensor, target: torch.Tensor | None, target_value: float,
                     weight: torch.Tensor | None, pos_weight: torch.Tensor | None, reduction: int,
                     unsupported: str | None = None) -> torch.Tensor:
@@ -242,13 +254,13 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor | None, target_val
     the kernels do not cover this call (it then goes to the reference). Returns () or (*).
     The gradient is stored by the forward sweep only when autograd will need it."""
     compute_grad = input.requires_grad and torch.is_grad_enabled()
-    return BCE_WITH_LOGITS.select(input.device, unsupported)(input, target, target_value, weight, pos_weight,
-                                                             reduction, compute_grad)[0]
+    return _select(BCE_WITH_LOGITS, input, unsupported)(input, target, target_value, weight, pos_weight, reduction,
+                                                        compute_grad)[0]
 
 
 def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float, fake_label: float,
                reduction: int) -> torch.Tensor:
     """Arguments checked by the caller: equal dtypes and devices; equal shapes for reduction 0."""
     compute_grad = (real_logits.requires_grad or fake_logits.requires_grad) and torch.is_grad_enabled()
-    return GAN_D_LOSS.select(real_logits.device)(real_logits, fake_logits, real_label, fake_label, reduction,
-                                                 compute_grad)[0]
+    return _select(GAN_D_LOSS, real_logits)(real_logits, fake_logits, real_label, fake_label, reduction,
+                                            compute_grad)[0]

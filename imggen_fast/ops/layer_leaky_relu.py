@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .. import backends, reference
+from .. import _checks, backends, reference
 from . import leaky_relu as epilogue
 from ._registration import cpp_op, triton_op
 
@@ -117,14 +117,20 @@ LINEAR = _implementations("linear_leaky_relu", reference.linear_leaky_relu, _lin
                           _linear_setup_context)
 
 
-def _triton_gap(input: torch.Tensor, groups: int) -> str | None:
-    """Why the Triton kernels do not cover this call, or None."""
+def _triton_gap(input: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
+                output_sample: int = 0) -> str | None:
+    """Why the Triton kernels do not cover this call, or None. ``output_sample``: the
+    elements of one output sample of a convolution."""
     if groups != 1:
         return f"groups={groups} is not covered by the Triton kernels (groups=1 only)"
     if input.dtype not in TRITON_DTYPES:
         return f"{input.dtype} is not covered by the Triton kernels (float32, bfloat16, float16)"
-    if input.dim() == 4 and math.prod(input.shape[1:]) >= 2**31:
-        return "one sample of 2**31 elements or more is not covered by the Triton kernels (32-bit offsets in a sample)"
+    # The convolution kernels index within a sample, and the weight, with 32-bit offsets.
+    sizes = [math.prod(input.shape[1:])] if input.dim() == 4 else []
+    sizes += [weight.numel(), output_sample] if weight is not None else []
+    if max(sizes, default=0) >= 2**31:
+        return ("a sample or weight of 2**31 elements or more is not covered by the Triton kernels "
+                "(32-bit offsets within a sample)")
     return None
 
 
@@ -132,13 +138,18 @@ def conv_transpose2d_leaky_relu(input, weight, bias, stride, padding, output_pad
                                 negative_slope):
     """input (N, C_in, H, W), weight (C_in, C_out / groups, kH, kW), bias (C_out,) or None;
     pairs of ints for stride, padding, output_padding, dilation (checked by the caller)."""
-    implementation = CONV_TRANSPOSE2D.select(input.device, _triton_gap(input, groups), ("triton",))
+    size = _checks.convolution_output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation,
+                                           output_padding)
+    gap = _triton_gap(input, groups, weight, weight.shape[1] * groups * size[0] * size[1])
+    implementation = CONV_TRANSPOSE2D.select(input.device, gap, ("triton",))
     return implementation(input, weight, bias, stride, padding, output_padding, groups, dilation, negative_slope)
 
 
 def conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, negative_slope):
     """input (N, C_in, H, W), weight (C_out, C_in / groups, kH, kW), bias (C_out,) or None."""
-    implementation = CONV2D.select(input.device, _triton_gap(input, groups), ("triton",))
+    size = _checks.convolution_output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
+    gap = _triton_gap(input, groups, weight, weight.shape[0] * size[0] * size[1])
+    implementation = CONV2D.select(input.device, gap, ("triton",))
     return implementation(input, weight, bias, stride, padding, dilation, groups, negative_slope)
 
 
