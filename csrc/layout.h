@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/WrapDimMinimal.h>
 
 #include <optional>
 #include <algorithm>
@@ -80,6 +81,26 @@ inline std::optional<ChannelLayout> channel_layout(const at::Tensor& tensor, int
 // which the fused layers never produce: their outputs are one or the other.
 inline at::Tensor with_channel_layout(const at::Tensor& tensor, int64_t channel_dim) {
   return channel_layout(tensor, channel_dim) ? tensor : tensor.contiguous();
+}
+
+// The operands of the out-of-place mask + bias-gradient backward, after its checks:
+// output dense in a layout channel_layout() describes (channel_dim wrapped), grad_output
+// in that layout, and a fresh grad_input like it.
+struct MaskSweepOperands {
+  at::Tensor output;
+  at::Tensor grad_output;
+  at::Tensor grad_input;
+  int64_t channel_dim;
+};
+
+inline MaskSweepOperands mask_sweep_operands(const char* op, const at::Tensor& grad_output, const at::Tensor& output,
+                                             int64_t channel_dim) {
+  check_same_shape_and_dtype(op, grad_output, "grad_output", output, "output");
+  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
+  at::Tensor output_dense = with_channel_layout(dense(output), channel_dim);
+  at::Tensor grad_dense = in_layout_of(grad_output, output_dense);
+  at::Tensor grad_input = at::empty_like(output_dense);
+  return {output_dense, grad_dense, grad_input, channel_dim};
 }
 
 // An in-place backward writes grad_output with output's element order: both must have

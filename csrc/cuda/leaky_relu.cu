@@ -199,14 +199,11 @@ at::Tensor mask_and_bias_gradient(const at::Tensor& grad_dense, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& grad_output,
                                                             const at::Tensor& output, double negative_slope,
                                                             int64_t channel_dim) {
-  check_same_shape_and_dtype("bias_leaky_relu_backward", grad_output, "grad_output", output, "output");
-  channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
   const c10::cuda::CUDAGuard device_guard(output.device());
-  const at::Tensor output_dense = with_channel_layout(dense(output), channel_dim);
-  const at::Tensor grad_dense = in_layout_of(grad_output, output_dense);
-  at::Tensor grad_input = at::empty_like(output_dense);
-  at::Tensor grad_bias = mask_and_bias_gradient(grad_dense, output_dense, grad_input, negative_slope, channel_dim);
-  return {grad_input, grad_bias};
+  const MaskSweepOperands operands = mask_sweep_operands("bias_leaky_relu_backward", grad_output, output, channel_dim);
+  at::Tensor grad_bias = mask_and_bias_gradient(operands.grad_output, operands.output, operands.grad_input,
+                                                negative_slope, operands.channel_dim);
+  return {operands.grad_input, grad_bias};
 }
 
 at::Tensor bias_leaky_relu_backward_(const at::Tensor& grad_output, const at::Tensor& output, double negative_slope,
