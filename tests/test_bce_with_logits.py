@@ -15,7 +15,7 @@ from imggen_fast.ops import bce_with_logits as bce_ops
 
 REDUCTIONS = ["mean", "sum", "none"]
 # (backend, dtype): the C++ kernel in every CPU dtype; Triton in its interpreter, fp32.
-BACKEND_DTYPES = [("cpp", torch.float32), ("cpp", torch.float64), ("cpp", torch.bfloat16),
+BACKEND_DTYPES = [("cpp", torch.float32), ("cpp", torch.float64), ("cpp", torch.bfloat16), ("cpp", torch.float16),
                   ("triton", torch.float32)]
 # Shapes for the C++ kernel (odd sizes; more than one reduction block and thread chunk),
 # and smaller ones for Triton's interpreter.

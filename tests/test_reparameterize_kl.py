@@ -19,7 +19,7 @@ from imggen_fast.ops import reparameterize_kl as ops
 SHAPES = [(1, 1), (3, 7), (128, 32), (64, 4, 9, 11), (0, 5)]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 BETAS = [0.0, 0.5, 4.0]
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # The KL sums up to a few thousand terms per sample, each rounded once: its tolerance is
 # the elementwise one times this (fp32 and bf16 accumulate in fp32, fp64 in fp64).
 KL_TOLERANCE_SCALE = 4.0
@@ -92,8 +92,10 @@ def check_against_reference(results, reference_and_magnitudes, dtype, kl_scale=K
         scale = kl_scale if name == "kl" else 1.0
         error = (actual.double() - expected).abs()
         bound = (rtol * scale * magnitude + atol * scale).expand_as(error)
-        finite = torch.isfinite(expected)
+        # A value beyond the dtype's range (a float16 sum, say) is inf in every implementation.
+        finite = torch.isfinite(expected.to(dtype))
         assert torch.equal(torch.isnan(actual), torch.isnan(expected)), name
+        assert torch.equal(torch.isinf(actual), torch.isinf(expected.to(dtype))), name
         assert (error[finite] <= bound[finite]).all(), \
             f"{name}: max error {error[finite].max().item():.3g} over bound {(error - bound)[finite].max().item():.3g}"
 
