@@ -51,7 +51,8 @@ def check_choice(value: object, name: str, choices: tuple[str, ...], function: s
 def autocasting(tensor: torch.Tensor) -> bool:
     """True when torch.autocast is on for ``tensor``'s device: the layers then take
     operands of mixed floating dtypes, as torch's do, and cast them."""
-    return torch.is_autocast_enabled(tensor.device.type)
+    device_type = tensor.device.type
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def check_optional_bias(bias: object, input: torch.Tensor, channels: int, function: str) -> None:

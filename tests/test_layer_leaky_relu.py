@@ -502,3 +502,15 @@ def test_bad_input_names_the_argument(call, error, message):
 def test_module_rejects_a_negative_slope():
     with pytest.raises(ValueError, match="ConvTranspose2dLeakyReLU: negative_slope must be finite and >= 0"):
         fused_nn.ConvTranspose2dLeakyReLU(3, 4, 3, negative_slope=-1.0)
+
+
+def test_meta_tensors_give_the_output_shape_through_the_reference(monkeypatch):
+    # No kernel runs on meta tensors (and autocast has no meta device): the reference
+    # gives the shape, with a warning, instead of an error from the argument checks.
+    from imggen_fast import backends
+
+    monkeypatch.setattr(backends, "_warned", set())
+    x, w = torch.empty(2, 3, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
+    with pytest.warns(UserWarning, match="meta"):
+        y = functional.conv2d_leaky_relu(x, w, stride=2, padding=1)
+    assert y.shape == (2, 4, 3, 3) and y.device.type == "meta"
