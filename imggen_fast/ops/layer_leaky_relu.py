@@ -134,6 +134,24 @@ def _triton_gap(input: torch.Tensor, groups: int, weight: torch.Tensor | None = 
     return None
 
 
+def _run(implementation, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *arguments):
+    """``implementation(input, weight, bias, *arguments)``. Under torch.autocast the operands
+    are first cast to its lower-precision dtype (float64 left alone) and the call runs with
+    autocast off, as torch's layers take them: the Triton ops, registered in Python, have
+    no autocast kernel (the C++ ops' kernel in csrc/layer_leaky_relu.cpp does the same for
+    direct calls)."""
+    if not _checks.autocasting(input):
+        return implementation(input, weight, bias, *arguments)
+    device_type = input.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor.to(dtype) if tensor is not None and tensor.dtype != torch.float64 else tensor
+
+    with torch.autocast(device_type, enabled=False):
+        return implementation(cast(input), cast(weight), cast(bias), *arguments)
+
+
 def conv_transpose2d_leaky_relu(input, weight, bias, stride, padding, output_padding, groups, dilation,
                                 negative_slope):
     """input (N, C_in, H, W), weight (C_in, C_out / groups, kH, kW), bias (C_out,) or None;
@@ -142,7 +160,8 @@ def conv_transpose2d_leaky_relu(input, weight, bias, stride, padding, output_pad
                                            output_padding)
     gap = _triton_gap(input, groups, weight, weight.shape[1] * groups * size[0] * size[1])
     implementation = CONV_TRANSPOSE2D.select(input.device, gap, ("triton",))
-    return implementation(input, weight, bias, stride, padding, output_padding, groups, dilation, negative_slope)
+    return _run(implementation, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                negative_slope)
 
 
 def conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, negative_slope):
@@ -150,10 +169,10 @@ def conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, ne
     size = _checks.convolution_output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
     gap = _triton_gap(input, groups, weight, weight.shape[0] * size[0] * size[1])
     implementation = CONV2D.select(input.device, gap, ("triton",))
-    return implementation(input, weight, bias, stride, padding, dilation, groups, negative_slope)
+    return _run(implementation, input, weight, bias, stride, padding, dilation, groups, negative_slope)
 
 
 def linear_leaky_relu(input, weight, bias, negative_slope):
     """input (*, in), weight (out, in), bias (out,) or None -> (*, out)."""
     implementation = LINEAR.select(input.device, _triton_gap(input, 1), ("triton",))
-    return implementation(input, weight, bias, negative_slope)
+    return _run(implementation, input, weight, bias, negative_slope)
