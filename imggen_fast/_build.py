@@ -118,10 +118,12 @@ def cxx_flags() -> list[str]:
 
 
 def cuda_flags() -> list[str]:
+    """nvcc flags of the CUDA sources (the nvcc test compiles with the same)."""
     return ["-O3", "--expt-relaxed-constexpr"]
 
 
 def compiler() -> str:
+    """The C++ compiler torch's extension builder will call: $CXX, else c++."""
     return os.environ.get("CXX", "c++")
 
 
@@ -156,6 +158,8 @@ def cache_key(with_cuda: bool) -> str:
 
 
 def cache_root() -> Path:
+    """The folder holding every build: $IMGGEN_FAST_CACHE, else imggen_fast under
+    $XDG_CACHE_HOME (default ~/.cache)."""
     override = os.environ.get("IMGGEN_FAST_CACHE")
     if override:
         return Path(override).expanduser()
@@ -172,6 +176,7 @@ def cache_dir(with_cuda: bool | None = None) -> Path:
 
 
 def library_path(directory: Path) -> Path:
+    """The shared library a build in ``directory`` produces."""
     return directory / f"{EXTENSION_NAME}.so"
 
 

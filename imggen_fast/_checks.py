@@ -43,6 +43,7 @@ def check_negative_slope(negative_slope: object, function: str) -> float:
 
 
 def check_choice(value: object, name: str, choices: tuple[str, ...], function: str) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming the argument."""
     if value not in choices:
         raise ValueError(f"{function}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value

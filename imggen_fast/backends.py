@@ -90,6 +90,7 @@ def triton_interpreting() -> bool:
 
 
 def triton_installed() -> bool:
+    """True when the triton package can be imported (without importing it)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -125,6 +126,7 @@ def why_not(backend: str, device_type: str) -> str | None:
 
 
 def auto_choice(device_type: str) -> str:
+    """The backend ``auto`` picks for tensors on ``device_type``."""
     if device_type == "cpu":
         return "cpp" if why_not("cpp", "cpu") is None else "reference"
     if device_type == "cuda":
