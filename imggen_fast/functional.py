@@ -81,9 +81,9 @@ def conv_transpose2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias:
     negative_slope = _checks.check_negative_slope(negative_slope, name)
     if input.dim() == 3:
         return _layers.conv_transpose2d_leaky_relu(input.unsqueeze(0), weight, bias, stride, padding, output_padding,
-                                                   groups, dilation, negative_slope).squeeze(0)
+                                                   groups, dilation, negative_slope, size).squeeze(0)
     return _layers.conv_transpose2d_leaky_relu(input, weight, bias, stride, padding, output_padding, groups,
-                                               dilation, negative_slope)
+                                               dilation, negative_slope, size)
 
 
 def conv2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1,
@@ -122,8 +122,8 @@ def conv2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     _check_output_size(*size, input, name)
     if input.dim() == 3:
         return _layers.conv2d_leaky_relu(input.unsqueeze(0), weight, bias, stride, padding, dilation, groups,
-                                         negative_slope).squeeze(0)
-    return _layers.conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, negative_slope)
+                                         negative_slope, size).squeeze(0)
+    return _layers.conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, negative_slope, size)
 
 
 def linear_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

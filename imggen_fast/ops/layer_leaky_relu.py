@@ -153,21 +153,20 @@ def _run(implementation, input: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def conv_transpose2d_leaky_relu(input, weight, bias, stride, padding, output_padding, groups, dilation,
-                                negative_slope):
+                                negative_slope, output_size):
     """input (N, C_in, H, W), weight (C_in, C_out / groups, kH, kW), bias (C_out,) or None;
-    pairs of ints for stride, padding, output_padding, dilation (checked by the caller)."""
-    size = _checks.convolution_output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation,
-                                           output_padding)
-    gap = _triton_gap(input, groups, weight, weight.shape[1] * groups * size[0] * size[1])
+    pairs of ints for stride, padding, output_padding, dilation, and the output's
+    (H_out, W_out) (checked and computed by the caller)."""
+    gap = _triton_gap(input, groups, weight, weight.shape[1] * groups * output_size[0] * output_size[1])
     implementation = CONV_TRANSPOSE2D.select(input.device, gap, ("triton",))
     return _run(implementation, input, weight, bias, stride, padding, output_padding, groups, dilation,
                 negative_slope)
 
 
-def conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, negative_slope):
-    """input (N, C_in, H, W), weight (C_out, C_in / groups, kH, kW), bias (C_out,) or None."""
-    size = _checks.convolution_output_size(input.shape[2:], weight.shape[2:], stride, padding, dilation)
-    gap = _triton_gap(input, groups, weight, weight.shape[0] * size[0] * size[1])
+def conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, negative_slope, output_size):
+    """input (N, C_in, H, W), weight (C_out, C_in / groups, kH, kW), bias (C_out,) or None;
+    output_size the output's (H_out, W_out) (computed by the caller)."""
+    gap = _triton_gap(input, groups, weight, weight.shape[0] * output_size[0] * output_size[1])
     implementation = CONV2D.select(input.device, gap, ("triton",))
     return _run(implementation, input, weight, bias, stride, padding, dilation, groups, negative_slope)
 
