@@ -95,8 +95,10 @@ class Reparameterize(_vae.Reparameterize):
     ``imggen_fast.models.vae.Reparameterize`` with the same constructor and attributes;
     bad arguments are reported by the first call, naming the argument."""
 
-    def forward(self, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, kl = functional.reparameterize_kl(mu, logvar, beta=self.beta, reduction=self.reduction)
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor,
+                eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """eps: the noise (N, *) to use, or None to make it in the kernel."""
+        z, kl = functional.reparameterize_kl(mu, logvar, eps, beta=self.beta, reduction=self.reduction)
         if not (self.training or self.sample_in_eval):
             z = mu
         return z, kl

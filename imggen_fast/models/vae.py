@@ -28,8 +28,10 @@ class Reparameterize(nn.Module):
         self.reduction = reduction
         self.sample_in_eval = sample_in_eval
 
-    def forward(self, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, kl = reference.reparameterize_kl(mu, logvar, beta=self.beta, reduction=self.reduction)
+    def forward(self, mu: torch.Tensor, logvar: torch.Tensor,
+                eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """eps: the noise (N, *) to use, or None to draw it."""
+        z, kl = reference.reparameterize_kl(mu, logvar, eps, beta=self.beta, reduction=self.reduction)
         if not (self.training or self.sample_in_eval):
             z = mu
         return z, kl
@@ -96,10 +98,11 @@ class VAE(nn.Module):
         z, _ = self.reparameterize(mu, logvar)
         return self.decode(z), mu, logvar
 
-    def loss(self, images: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-        """Reconstruction loss (summed over pixels) + beta * KL, averaged over the batch."""
+    def loss(self, images: torch.Tensor, beta: float = 1.0, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction loss (summed over pixels) + beta * KL, averaged over the batch.
+        eps: the noise (N, latent_dim), or None to draw it."""
         mu, logvar = self.encode(images)
-        z, kl = self.reparameterize(mu, logvar)
+        z, kl = self.reparameterize(mu, logvar, eps)
         reconstruction = self.decode(z)
         target = images if self.reconstruction == "gaussian" else (images + 1) / 2
         return self.reconstruction_loss(reconstruction, target) / images.shape[0] + beta * kl
