@@ -1,10 +1,12 @@
-// Autograd of the BCE-with-logits ops, in C++ for the reason given in
-// csrc/autograd_utils.h (at 64 logits the Python path cost more than eager's whole
-// forward and backward). The forward sweep stores the gradient for grad_output = 1; a
-// first backward takes it over and scales it in place (scale_stored), or, when it does
-// not own it, scales a copy (imggen_fast::bce_with_logits_backward). A double backward
-// (create_graph=True: a penalty on the loss's gradient) uses the eager formula of the
-// gradient, which autograd differentiates. The kernels are in csrc/cpu and csrc/cuda.
+// The public BCE-with-logits ops, bce_with_logits and gan_d_loss: their one autograd
+// formula and their autocast rule. Their kernels (csrc/cpu, csrc/cuda, kernels/) are the
+// *_forward ops, whose one sweep computes the loss and, when autograd will need it, the
+// gradient for grad_output = 1. The public ops return the loss alone, with or without
+// autograd; the stored gradient stays inside the autograd node. A first backward takes
+// it over and scales it in place (scale_stored), or, when it does not own it, scales a
+// copy (imggen_fast::bce_with_logits_backward). A double backward (create_graph=True: a
+// penalty on the loss's gradient) uses the eager formula of the gradient, which autograd
+// differentiates.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -20,12 +22,14 @@
 namespace imggen_fast {
 namespace {
 
-
-using BceSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&, double,
-                                                        const std::optional<at::Tensor>&,
-                                                        const std::optional<at::Tensor>&, int64_t, bool);
-using GanSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, double,
-                                                                    double, int64_t, bool);
+using BceSignature = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, double,
+                                const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
+using BceForwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                               double, const std::optional<at::Tensor>&,
+                                                               const std::optional<at::Tensor>&, int64_t, bool);
+using GanSignature = at::Tensor(const at::Tensor&, const at::Tensor&, double, double, int64_t);
+using GanForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                           double, double, int64_t, bool);
 using BackwardSignature = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, int64_t);
 
 // True when `value` is a one-element CPU tensor equal to 1.
@@ -114,17 +118,17 @@ void check_not_differentiated(AutogradContext* ctx) {
 
 class BceWithLogitsFunction : public torch::autograd::Function<BceWithLogitsFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& target,
-                               double target_value, const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& pos_weight, int64_t reduction, bool compute_grad) {
-    static const auto op = imggen_fast_op<BceSignature>("bce_with_logits");
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const std::optional<at::Tensor>& target,
+                            double target_value, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& pos_weight, int64_t reduction, bool compute_grad) {
+    static const auto op = imggen_fast_op<BceForwardSignature>("bce_with_logits_forward");
     at::Tensor loss;
     at::Tensor unit_grad;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(loss, unit_grad) = op.call(input, target, target_value, weight, pos_weight, reduction, compute_grad);
     }
-    ctx->mark_non_differentiable({unit_grad});
+    save_backend_choice(ctx);
     // The inputs are kept only for a double backward; they are references, not copies.
     ctx->save_for_backward({unit_grad, input, defined_or_undefined(target), defined_or_undefined(weight),
                             defined_or_undefined(pos_weight)});
@@ -133,11 +137,12 @@ class BceWithLogitsFunction : public torch::autograd::Function<BceWithLogitsFunc
     ctx->saved_data["compute_grad"] = compute_grad;
     ctx->saved_data["given"] = std::vector<bool>{target.has_value(), weight.has_value(), pos_weight.has_value()};
     ctx->set_materialize_grads(false);
-    return {loss, unit_grad};
+    return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_not_differentiated(ctx);
+    const auto backend_choice = backend_choice_of(ctx);
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     auto saved = ctx->get_saved_variables();
     at::Tensor grad_input;
@@ -156,9 +161,9 @@ class BceWithLogitsFunction : public torch::autograd::Function<BceWithLogitsFunc
 
 class GanDiscriminatorLossFunction : public torch::autograd::Function<GanDiscriminatorLossFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& real_logits, const at::Tensor& fake_logits,
-                               double real_label, double fake_label, int64_t reduction, bool compute_grad) {
-    static const auto op = imggen_fast_op<GanSignature>("gan_d_loss");
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& real_logits, const at::Tensor& fake_logits,
+                            double real_label, double fake_label, int64_t reduction, bool compute_grad) {
+    static const auto op = imggen_fast_op<GanForwardSignature>("gan_d_loss_forward");
     at::Tensor loss;
     at::Tensor grad_real;
     at::Tensor grad_fake;
@@ -167,17 +172,18 @@ class GanDiscriminatorLossFunction : public torch::autograd::Function<GanDiscrim
       std::tie(loss, grad_real, grad_fake) =
           op.call(real_logits, fake_logits, real_label, fake_label, reduction, compute_grad);
     }
-    ctx->mark_non_differentiable({grad_real, grad_fake});
+    save_backend_choice(ctx);
     ctx->save_for_backward({grad_real, grad_fake, real_logits, fake_logits});
     ctx->saved_data["real_label"] = real_label;
     ctx->saved_data["fake_label"] = fake_label;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["compute_grad"] = compute_grad;
     ctx->set_materialize_grads(false);
-    return {loss, grad_real, grad_fake};
+    return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto backend_choice = backend_choice_of(ctx);
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     auto saved = ctx->get_saved_variables();
     at::Tensor grad_real;
@@ -199,46 +205,78 @@ class GanDiscriminatorLossFunction : public torch::autograd::Function<GanDiscrim
   }
 };
 
-// When autograd recorded the call (the loss has a grad_fn), the stored gradients
-// (results[1:]) are the backward's alone: the caller gets distinct empty tensors in their
-// place. A tensor handed to Python keeps a reference for as long as it lives, so
-// otherwise the backward could never tell that nobody else reads it, and would have to
-// allocate its result rather than scale the stored gradient in place.
-void keep_stored_gradients_for_backward(variable_list& results) {
-  if (!results[0].grad_fn()) {
-    return;
-  }
-  for (size_t k = 1; k < results.size(); ++k) {
-    results[k] = results[k].new_empty({0});
-  }
+at::Tensor bce_with_logits_autograd(const at::Tensor& input, const std::optional<at::Tensor>& target,
+                                   double target_value, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  // The forward sweep stores the gradient only when a backward will use it.
+  const bool compute_grad = at::GradMode::is_enabled() && input.requires_grad();
+  return BceWithLogitsFunction::apply(input, target, target_value, weight, pos_weight, reduction, compute_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor> bce_with_logits_autograd(const at::Tensor& input,
-                                                            const std::optional<at::Tensor>& target,
-                                                            double target_value,
-                                                            const std::optional<at::Tensor>& weight,
-                                                            const std::optional<at::Tensor>& pos_weight,
-                                                            int64_t reduction, bool compute_grad) {
-  auto results = BceWithLogitsFunction::apply(input, target, target_value, weight, pos_weight, reduction, compute_grad);
-  keep_stored_gradients_for_backward(results);
-  return {results[0], results[1]};
+at::Tensor gan_d_loss_autograd(const at::Tensor& real_logits, const at::Tensor& fake_logits, double real_label,
+                               double fake_label, int64_t reduction) {
+  const bool compute_grad = at::GradMode::is_enabled() && (real_logits.requires_grad() || fake_logits.requires_grad());
+  return GanDiscriminatorLossFunction::apply(real_logits, fake_logits, real_label, fake_label, reduction,
+                                             compute_grad);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss_autograd(const at::Tensor& real_logits,
-                                                                   const at::Tensor& fake_logits, double real_label,
-                                                                   double fake_label, int64_t reduction,
-                                                                   bool compute_grad) {
-  auto results =
-      GanDiscriminatorLossFunction::apply(real_logits, fake_logits, real_label, fake_label, reduction, compute_grad);
-  keep_stored_gradients_for_backward(results);
-  return {results[0], results[1], results[2]};
+// Without autograd (inference mode): the loss alone, no gradient stored.
+at::Tensor bce_with_logits_loss(const at::Tensor& input, const std::optional<at::Tensor>& target,
+                                double target_value, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+  static const auto op = imggen_fast_op<BceForwardSignature>("bce_with_logits_forward");
+  return std::get<0>(op.call(input, target, target_value, weight, pos_weight, reduction, false));
 }
+
+at::Tensor gan_d_loss_loss(const at::Tensor& real_logits, const at::Tensor& fake_logits, double real_label,
+                           double fake_label, int64_t reduction) {
+  static const auto op = imggen_fast_op<GanForwardSignature>("gan_d_loss_forward");
+  return std::get<0>(op.call(real_logits, fake_logits, real_label, fake_label, reduction, false));
+}
+
+// Autocast: torch runs binary_cross_entropy_with_logits in float32 under autocast (CPU and
+// CUDA), and so do these.
+template <c10::DeviceType kDevice>
+struct AutocastLosses : Autocast<kDevice> {
+  using Base = Autocast<kDevice>;
+
+  static at::Tensor bce_with_logits(const at::Tensor& input, const std::optional<at::Tensor>& target,
+                                    double target_value, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
+    static const auto op = imggen_fast_op<BceSignature>("bce_with_logits");
+    const auto guard = Base::outside_autocast();
+    return op.call(Base::to_float(input), Base::to_float(target), target_value, Base::to_float(weight),
+                   Base::to_float(pos_weight), reduction);
+  }
+
+  static at::Tensor gan_d_loss(const at::Tensor& real_logits, const at::Tensor& fake_logits, double real_label,
+                               double fake_label, int64_t reduction) {
+    static const auto op = imggen_fast_op<GanSignature>("gan_d_loss");
+    const auto guard = Base::outside_autocast();
+    return op.call(Base::to_float(real_logits), Base::to_float(fake_logits), real_label, fake_label, reduction);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imggen_fast, Autograd, m) {
   m.impl("bce_with_logits", &bce_with_logits_autograd);
   m.impl("gan_d_loss", &gan_d_loss_autograd);
+}
+
+TORCH_LIBRARY_IMPL(imggen_fast, CompositeExplicitAutograd, m) {
+  m.impl("bce_with_logits", &bce_with_logits_loss);
+  m.impl("gan_d_loss", &gan_d_loss_loss);
+}
+
+TORCH_LIBRARY_IMPL(imggen_fast, AutocastCPU, m) {
+  m.impl("bce_with_logits", &AutocastLosses<c10::DeviceType::CPU>::bce_with_logits);
+  m.impl("gan_d_loss", &AutocastLosses<c10::DeviceType::CPU>::gan_d_loss);
+}
+
+TORCH_LIBRARY_IMPL(imggen_fast, AutocastCUDA, m) {
+  m.impl("bce_with_logits", &AutocastLosses<c10::DeviceType::CUDA>::bce_with_logits);
+  m.impl("gan_d_loss", &AutocastLosses<c10::DeviceType::CUDA>::gan_d_loss);
 }
 
 }  // namespace imggen_fast

@@ -9,6 +9,10 @@
 // over the output after the GEMM at all), except where it measured slower: transposed
 // convolutions of stride 1.
 //
+// With the Triton backend chosen (csrc/backend.h), the convolutions run in Triton's
+// implicit-GEMM kernel with the epilogue in its store (kernels/layer_leaky_relu.py), and
+// every epilogue call goes to its Triton launcher.
+//
 // Forward registered for CompositeExplicitAutograd (every device). Autograd (the
 // Autograd key, below) saves input, weight and the activated output, never the
 // pre-activation; its backward turns grad_output into the pre-activation gradient and
@@ -25,6 +29,7 @@
 #include <torch/library.h>
 
 #include "autograd_utils.h"
+#include "backend.h"
 #include "layout.h"
 
 #include <algorithm>
@@ -35,6 +40,13 @@
 
 namespace imggen_fast {
 namespace {
+
+using ConvTransposeSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                          at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef,
+                                          double);
+using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, double);
+using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double);
 
 at::Tensor apply_bias_leaky_relu(const at::Tensor& output, const std::optional<at::Tensor>& bias,
                                  double negative_slope, int64_t channel_dim) {
@@ -87,8 +99,10 @@ at::Tensor call_onednn(const c10::OperatorHandle& op, torch::jit::Stack stack, d
   return stack.at(0).toTensor();
 }
 
-c10::IValue optional_tensor(const std::optional<at::Tensor>& tensor) {
-  return tensor.has_value() && tensor->defined() ? c10::IValue(*tensor) : c10::IValue();
+// oneDNN reads the bias as a dense vector: a strided, expanded or offset view of one is
+// copied (C elements) rather than read past its end.
+c10::IValue dense_bias(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? c10::IValue(bias->contiguous()) : c10::IValue();
 }
 
 // CPU: the bias goes into the GEMM (oneDNN adds it in its epilogue for free). CUDA:
@@ -107,6 +121,10 @@ at::Tensor conv_transpose2d_leaky_relu(const at::Tensor& input, const at::Tensor
                                        const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                        at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
                                        at::IntArrayRef dilation, double negative_slope) {
+  if (triton_chosen()) {
+    return call_triton<ConvTransposeSignature>("conv_transpose2d_leaky_relu", input, weight, bias, stride, padding,
+                                               output_padding, groups, dilation, negative_slope);
+  }
   static const auto fused = onednn_op("mkldnn::_convolution_transpose_pointwise", kConvolutionTransposePointwiseSchema);
   // At stride 1 oneDNN's fused transposed convolution is the slower one: measured on the
   // 2-core Zen 1 machine, fp32, batch 64, fused over ATen's conv_transpose2d + the
@@ -115,7 +133,7 @@ at::Tensor conv_transpose2d_leaky_relu(const at::Tensor& input, const at::Tensor
   const bool any_stride_above_one = std::any_of(stride.begin(), stride.end(), [](int64_t step) { return step > 1; });
   if (fused.has_value() && any_stride_above_one && onednn_fusion_applies(input, weight)) {
     return call_onednn(*fused,
-                       {input, weight, optional_tensor(bias), padding.vec(), output_padding.vec(), stride.vec(),
+                       {input, weight, dense_bias(bias), padding.vec(), output_padding.vec(), stride.vec(),
                         dilation.vec(), groups},
                        negative_slope);
   }
@@ -126,10 +144,14 @@ at::Tensor conv_transpose2d_leaky_relu(const at::Tensor& input, const at::Tensor
 at::Tensor conv2d_leaky_relu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                              double negative_slope) {
+  if (triton_chosen()) {
+    return call_triton<ConvSignature>("conv2d_leaky_relu", input, weight, bias, stride, padding, dilation, groups,
+                                      negative_slope);
+  }
   static const auto fused = onednn_op("mkldnn::_convolution_pointwise", kConvolutionPointwiseSchema);
   if (fused.has_value() && onednn_fusion_applies(input, weight)) {
     return call_onednn(
-        *fused, {input, weight, optional_tensor(bias), padding.vec(), stride.vec(), dilation.vec(), groups},
+        *fused, {input, weight, dense_bias(bias), padding.vec(), stride.vec(), dilation.vec(), groups},
         negative_slope);
   }
   const std::vector<int64_t> no_output_padding(stride.size(), 0);
@@ -150,12 +172,6 @@ at::Tensor linear_leaky_relu(const at::Tensor& input, const at::Tensor& weight, 
   return apply_bias_leaky_relu(output, std::nullopt, negative_slope, -1);
 }
 
-using ConvTransposeSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                          at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, at::IntArrayRef,
-                                          double);
-using ConvSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                 at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, double);
-using LinearSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double);
 
 // True when the backward may overwrite grad_output with grad_pre: autograd handed it over
 // and nothing else holds it (owned_outright), and it has output's dense strides.
@@ -200,6 +216,7 @@ void save_for_backward(AutogradContext* ctx, const at::Tensor& input, const at::
                           both_operands || input.requires_grad() ? weight : at::Tensor(), output});
   ctx->saved_data["negative_slope"] = negative_slope;
   ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+  save_backend_choice(ctx);
 }
 
 // A gradient is computed when asked for and its ingredient was saved (the saved weight
@@ -264,6 +281,7 @@ class ConvolutionLeakyReLUFunction : public torch::autograd::Function<Convolutio
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list& grads) {
+    const auto backend_choice = backend_choice_of(ctx);
     const LayerGradients layer = start_layer_backward(ctx, grads[0], 1);
     at::Tensor grad_input;
     at::Tensor grad_weight;
@@ -297,6 +315,7 @@ class LinearLeakyReLUFunction : public torch::autograd::Function<LinearLeakyReLU
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list& grads) {
+    const auto backend_choice = backend_choice_of(ctx);
     const LayerGradients layer = start_layer_backward(ctx, grads[0], -1);
     at::Tensor grad_input;
     at::Tensor grad_weight;
@@ -339,23 +358,16 @@ at::Tensor linear_leaky_relu_autograd(const at::Tensor& input, const at::Tensor&
 // Without these kernels only the nested ATen call would be cast, and the epilogue and
 // the backward would meet mixed dtypes. float64 operands are left alone (autocast's rule).
 template <c10::DeviceType kDevice>
-struct AutocastLayers {
-  template <typename Operand>
-  static Operand cast(const Operand& operand) {
-    return at::autocast::cached_cast(at::autocast::get_lower_precision_fp_from_device_type(kDevice), operand, kDevice);
-  }
-
-  static c10::impl::ExcludeDispatchKeyGuard outside_autocast() {
-    return c10::impl::ExcludeDispatchKeyGuard(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
-  }
+struct AutocastLayers : Autocast<kDevice> {
+  using Base = Autocast<kDevice>;
 
   static at::Tensor conv_transpose2d(const at::Tensor& input, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                      at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups,
                                      at::IntArrayRef dilation, double negative_slope) {
     static const auto op = imggen_fast_op<ConvTransposeSignature>("conv_transpose2d_leaky_relu");
-    const auto guard = outside_autocast();
-    return op.call(cast(input), cast(weight), cast(bias), stride, padding, output_padding, groups, dilation,
+    const auto guard = Base::outside_autocast();
+    return op.call(Base::to_lower_precision(input), Base::to_lower_precision(weight), Base::to_lower_precision(bias), stride, padding, output_padding, groups, dilation,
                    negative_slope);
   }
 
@@ -363,15 +375,15 @@ struct AutocastLayers {
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            double negative_slope) {
     static const auto op = imggen_fast_op<ConvSignature>("conv2d_leaky_relu");
-    const auto guard = outside_autocast();
-    return op.call(cast(input), cast(weight), cast(bias), stride, padding, dilation, groups, negative_slope);
+    const auto guard = Base::outside_autocast();
+    return op.call(Base::to_lower_precision(input), Base::to_lower_precision(weight), Base::to_lower_precision(bias), stride, padding, dilation, groups, negative_slope);
   }
 
   static at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            double negative_slope) {
     static const auto op = imggen_fast_op<LinearSignature>("linear_leaky_relu");
-    const auto guard = outside_autocast();
-    return op.call(cast(input), cast(weight), cast(bias), negative_slope);
+    const auto guard = Base::outside_autocast();
+    return op.call(Base::to_lower_precision(input), Base::to_lower_precision(weight), Base::to_lower_precision(bias), negative_slope);
   }
 };
 

@@ -25,11 +25,13 @@ class LeakyReLUBackwardFromOutput : public torch::autograd::Function<LeakyReLUBa
                             double negative_slope) {
     ctx->save_for_backward({output});
     ctx->saved_data["negative_slope"] = negative_slope;
+    save_backend_choice(ctx);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return backward_from_output(grad_output, output, negative_slope);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto backend_choice = backend_choice_of(ctx);
     const at::Tensor output = ctx->get_saved_variables()[0];
     return {backward_from_output(grads[0], output, ctx->saved_data["negative_slope"].toDouble()), at::Tensor(),
             at::Tensor()};
@@ -43,6 +45,7 @@ class BiasLeakyReLUBackward : public torch::autograd::Function<BiasLeakyReLUBack
     ctx->save_for_backward({output});
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["channel_dim"] = channel_dim;
+    save_backend_choice(ctx);
     static const auto op = imggen_fast_op<BiasBackward>("bias_leaky_relu_backward");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_input, grad_bias] = op.call(grad_output, output, negative_slope, channel_dim);
@@ -52,6 +55,7 @@ class BiasLeakyReLUBackward : public torch::autograd::Function<BiasLeakyReLUBack
   // d/d grad_output of (grad_input, grad_bias) applied to (gg_input, gg_bias): the
   // mask applied to gg_input + gg_bias broadcast along the channel dim.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto backend_choice = backend_choice_of(ctx);
     const at::Tensor output = ctx->get_saved_variables()[0];
     const int64_t channel_dim = c10::maybe_wrap_dim(ctx->saved_data["channel_dim"].toInt(), output.dim());
     at::Tensor total = grads[0].defined() ? grads[0] : at::zeros_like(output);

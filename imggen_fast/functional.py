@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks
+from . import _checks, backends, reference
 from .ops import layer_leaky_relu as _layers
 from .ops import bce_with_logits as _bce_with_logits
 from .ops import leaky_relu as _leaky_relu
@@ -113,8 +113,9 @@ def conv2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         totals = [dilation[axis] * (weight.shape[2 + axis] - 1) for axis in range(2)]
         if any(total % 2 for total in totals):
             # Even kernels need asymmetric padding, which the kernels do not take.
-            return _layers.CONV2D.select(input.device, "padding='same' with an even kernel (asymmetric padding)")(
-                input, weight, bias, stride, "same", dilation, groups, negative_slope)
+            backends.falls_back(name, backends.choose(input.device.type),
+                                "padding='same' with an even kernel (asymmetric padding) is not covered")
+            return reference.conv2d_leaky_relu(input, weight, bias, stride, "same", dilation, groups, negative_slope)
         padding = [total // 2 for total in totals]
     else:
         padding = _checks.pair(padding, "padding", name, 0)

@@ -14,7 +14,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ._triton_utils import ELEMENTWISE_CONFIGS, AotKernel, autotune, dense, flat_grid, in_layout_of
 
@@ -190,11 +189,10 @@ def _grad_scale(numel: int, reduction: int) -> float:
 
 
 def _final_sum(partials, loss, first_count, first_scale, second_count=0, second_scale=0.0):
-    wrap_triton(sum_partials_kernel)[(1,)](partials, loss, first_count, first_scale, second_count, second_scale)
+    sum_partials_kernel[(1,)](partials, loss, first_count, first_scale, second_count, second_scale)
 
 
-@triton_op("imggen_fast_triton::bce_with_logits", mutates_args=())
-def bce_with_logits(input: torch.Tensor, target: torch.Tensor | None, target_value: float,
+def bce_with_logits_forward(input: torch.Tensor, target: torch.Tensor | None, target_value: float,
                     weight: torch.Tensor | None, pos_weight: torch.Tensor | None, reduction: int,
                     compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """input (*), target (*) or None for target_value, weight/pos_weight broadcastable to (*);
@@ -213,7 +211,7 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor | None, target_val
         _weighted_operands(input, weight, pos_weight) if weighted else (input, 1, input, 1))
     blocks = triton.cdiv(numel, SWEEP_BLOCK)
     partials = torch.empty(blocks if reduction else 0, device=input.device, dtype=torch.float32)
-    wrap_triton(bce_with_logits_kernel)[(blocks,)](
+    bce_with_logits_kernel[(blocks,)](
         input, input if target is None else target, target_value, weight_values, weight_period,
         pos_weight_values, pos_weight_period, loss, grad, _grad_scale(numel, reduction), partials, numel,
         TARGET_TENSOR=target is not None, WEIGHTED=weighted, REDUCE=reduction != 0, WRITE_GRAD=compute_grad)
@@ -222,8 +220,7 @@ def bce_with_logits(input: torch.Tensor, target: torch.Tensor | None, target_val
     return loss, grad
 
 
-@triton_op("imggen_fast_triton::gan_d_loss", mutates_args=())
-def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float, fake_label: float,
+def gan_d_loss_forward(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label: float, fake_label: float,
                reduction: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """bce(real_logits, real_label) + bce(fake_logits, fake_label), one sweep launch over both;
     returns the loss and both gradients for grad_output = 1 (or empty ones)."""
@@ -238,7 +235,7 @@ def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label:
     blocks = real_blocks + triton.cdiv(fake_numel, SWEEP_BLOCK)
     partials = torch.zeros(blocks if reduction else 0, device=real.device, dtype=torch.float32)
     if blocks:
-        wrap_triton(gan_d_loss_kernel)[(blocks,)](
+        gan_d_loss_kernel[(blocks,)](
             real, fake, real_label, fake_label, real_loss, fake_loss, real_grad, fake_grad,
             _grad_scale(real_numel, reduction), _grad_scale(fake_numel, reduction), partials, real_numel,
             fake_numel, real_blocks, REDUCE=reduction != 0, WRITE_GRAD=compute_grad)
@@ -249,7 +246,6 @@ def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label:
     return real_loss, real_grad, fake_grad
 
 
-@triton_op("imggen_fast_triton::bce_with_logits_backward", mutates_args=())
 def bce_with_logits_backward(grad_output: torch.Tensor, unit_grads: list[torch.Tensor],
                              reduction: int) -> list[torch.Tensor]:
     """grad_output * unit_grad for each stored gradient; grad_output one element, or (for
@@ -261,11 +257,15 @@ def bce_with_logits_backward(grad_output: torch.Tensor, unit_grads: list[torch.T
         grad_input = torch.empty_like(unit_grad)
         numel = unit_grad.numel()
         if numel:
-            wrap_triton(bce_with_logits_backward_kernel)[flat_grid(numel)](
+            bce_with_logits_backward_kernel[flat_grid(numel)](
                 scale, unit_grad, grad_input, numel, ELEMENTWISE=reduction == 0)
         results.append(grad_input)
     return results
 
+
+# The launchers, by the name of the op they implement (imggen_fast/ops/_registration.py).
+LAUNCHERS = {"bce_with_logits_forward": bce_with_logits_forward, "gan_d_loss_forward": gan_d_loss_forward,
+             "bce_with_logits_backward": bce_with_logits_backward}
 
 _SWEEP_FLAGS = {"TARGET_TENSOR": True, "WEIGHTED": True, "REDUCE": True, "WRITE_GRAD": True}
 _SWEEP_SIGNATURE = {

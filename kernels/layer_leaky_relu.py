@@ -14,18 +14,16 @@ both work without a copy, and the output keeps the input's memory format.
 groups == 1 only (the ops layer sends other calls to the reference). fp32 products
 use IEEE precision (not TF32), so results match the eager reference.
 
-Linear is ``torch.addmm`` followed by the in-place epilogue kernel of
-kernels/leaky_relu.py."""
+These serve only when the Triton backend is chosen by name; otherwise (and always for
+Linear) the layers run ATen's GEMM followed by the epilogue kernel of kernels/leaky_relu.py."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ._triton_utils import AotKernel, autotune
-from .leaky_relu import bias_leaky_relu_
 
 # Tiles the real compiler fits in registers on sm_80 and sm_90 (no spills, checked by
 # tests/test_triton_compile.py); 64 x 64 x 32 with 4 warps, or any num_stages > 1,
@@ -122,8 +120,8 @@ def _convolution(input, weight, bias, stride, padding, dilation, output_padding,
         return output
     grid = lambda meta: (triton.cdiv(batch * out_height * out_width, meta["BLOCK_M"]),  # noqa: E731
                          triton.cdiv(out_channels, meta["BLOCK_N"]))
-    wrap_triton(convolution_leaky_relu_kernel)[grid](
-        input, weight, output if bias is None else bias, output,
+    convolution_leaky_relu_kernel[grid](
+        input, weight, output if bias is None else bias.contiguous(), output,
         batch, in_channels, in_height, in_width, out_channels, out_height, out_width,
         kernel_height, kernel_width, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *input.stride(), *weight.stride(), *output.stride(),
@@ -131,7 +129,6 @@ def _convolution(input, weight, bias, stride, padding, dilation, output_padding,
     return output
 
 
-@triton_op("imggen_fast_triton::conv_transpose2d_leaky_relu", mutates_args=())
 def conv_transpose2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 stride: list[int], padding: list[int], output_padding: list[int], groups: int,
                                 dilation: list[int], negative_slope: float) -> torch.Tensor:
@@ -139,23 +136,17 @@ def conv_transpose2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias:
     return _convolution(input, weight, bias, stride, padding, dilation, output_padding, negative_slope, True)
 
 
-@triton_op("imggen_fast_triton::conv2d_leaky_relu", mutates_args=())
 def conv2d_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, negative_slope: float) -> torch.Tensor:
     """input (N, C_in, H, W), weight (C_out, C_in, kH, kW), groups == 1 -> (N, C_out, H_out, W_out)."""
     return _convolution(input, weight, bias, stride, padding, dilation, [0, 0], negative_slope, False)
 
 
-@triton_op("imggen_fast_triton::linear_leaky_relu", mutates_args=())
-def linear_leaky_relu(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      negative_slope: float) -> torch.Tensor:
-    """input (*, in), weight (out, in) -> (*, out): the GEMM with the bias (as F.linear), then
-    LeakyReLU in place."""
-    rows = input.reshape(-1, input.shape[-1])
-    output = torch.addmm(bias, rows, weight.t()) if bias is not None else torch.mm(rows, weight.t())
-    output = output.view(*input.shape[:-1], weight.shape[0])
-    bias_leaky_relu_(output, None, negative_slope, -1)
-    return output
+# The launchers, by the name of the op they implement (imggen_fast/ops/_registration.py).
+LAUNCHERS = {"conv_transpose2d_leaky_relu": conv_transpose2d_leaky_relu, "conv2d_leaky_relu": conv2d_leaky_relu}
+# The implicit-GEMM convolution serves only when the Triton backend is named: by default
+# the layers run cuDNN through ATen with the epilogue after it.
+ONLY_WHEN_CHOSEN = frozenset(LAUNCHERS)
 
 
 _CONVOLUTION_SIGNATURE = {

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ._triton_utils import (ELEMENTWISE_CONFIGS, AotKernel, autotune, channel_layout, dense, flat_grid,
                             in_layout_of)
@@ -41,7 +40,6 @@ def leaky_relu_backward_from_output_kernel(grad_output_ptr, output_ptr, grad_inp
     tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=in_bounds)
 
 
-@triton_op("imggen_fast_triton::leaky_relu_backward_from_output", mutates_args=())
 def leaky_relu_backward_from_output(grad_output: torch.Tensor, output: torch.Tensor,
                                     negative_slope: float) -> torch.Tensor:
     """grad_output, output: the same shape (any); returns grad_input in output's layout."""
@@ -50,7 +48,7 @@ def leaky_relu_backward_from_output(grad_output: torch.Tensor, output: torch.Ten
     grad_input = torch.empty_like(output)
     numel = output.numel()
     if numel:
-        wrap_triton(leaky_relu_backward_from_output_kernel)[flat_grid(numel)](
+        leaky_relu_backward_from_output_kernel[flat_grid(numel)](
             grad_output, output, grad_input, numel, negative_slope)
     return grad_input
 
@@ -69,7 +67,6 @@ def bias_leaky_relu_kernel(output_ptr, bias_ptr, numel, channels, inner, negativ
     tl.store(output_ptr + offsets, value.to(output_ptr.dtype.element_ty), mask=in_bounds)
 
 
-@triton_op("imggen_fast_triton::bias_leaky_relu_", mutates_args=("output",))
 def bias_leaky_relu_(output: torch.Tensor, bias: torch.Tensor | None, negative_slope: float,
                      channel_dim: int) -> None:
     """output (*, C, *) contiguous or channels_last, bias (C,) or None: the epilogue in place."""
@@ -79,8 +76,8 @@ def bias_leaky_relu_(output: torch.Tensor, bias: torch.Tensor | None, negative_s
     _, channels, inner = layout
     numel = output.numel()
     if numel:
-        wrap_triton(bias_leaky_relu_kernel)[flat_grid(numel)](
-            output, output if bias is None else bias, numel, channels, inner, negative_slope,
+        bias_leaky_relu_kernel[flat_grid(numel)](
+            output, output if bias is None else bias.contiguous(), numel, channels, inner, negative_slope,
             HAS_BIAS=bias is not None)
 
 
@@ -120,7 +117,6 @@ def channel_sum_kernel(partial_ptr, result_ptr, blocks, BLOCK: tl.constexpr):
 CHANNEL_SUM_BLOCK = 256
 
 
-@triton_op("imggen_fast_triton::bias_leaky_relu_backward", mutates_args=())
 def bias_leaky_relu_backward(grad_output: torch.Tensor, output: torch.Tensor, negative_slope: float,
                              channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """grad_output, output (*, C, *): (grad_input in output's layout, grad_bias (C,))."""
@@ -128,18 +124,44 @@ def bias_leaky_relu_backward(grad_output: torch.Tensor, output: torch.Tensor, ne
     if channel_layout(output, channel_dim) is None:
         output = output.contiguous()
     grad_output = in_layout_of(grad_output, output)
-    outer, channels, inner = channel_layout(output, channel_dim)
     grad_input = torch.empty_like(output)
+    return grad_input, _mask_and_bias_gradient(grad_output, output, grad_input, negative_slope, channel_dim)
+
+
+def bias_leaky_relu_backward_(grad_output: torch.Tensor, output: torch.Tensor, negative_slope: float,
+                              channel_dim: int) -> torch.Tensor:
+    """The same in place on grad_output, which must have output's dense strides (each element
+    is read before it is written, by the same program); returns grad_bias (C,)."""
+    if (grad_output.shape != output.shape or grad_output.stride() != output.stride()
+            or channel_layout(output, channel_dim) is None):
+        raise ValueError("bias_leaky_relu_backward_: grad_output must have output's shape and dense strides")
+    return _mask_and_bias_gradient(grad_output, output, grad_output, negative_slope, channel_dim)
+
+
+def _mask_and_bias_gradient(grad_output: torch.Tensor, output: torch.Tensor, grad_input: torch.Tensor,
+                            negative_slope: float, channel_dim: int) -> torch.Tensor:
+    """Writes the masked gradient into grad_input (grad_output's strides, which are output's)
+    and returns the bias gradient (C,)."""
+    outer, channels, inner = channel_layout(output, channel_dim)
     accumulator = torch.float64 if output.dtype == torch.float64 else torch.float32
     blocks = triton.cdiv(outer * inner, REDUCTION_BLOCK)
     partials = torch.empty((channels, blocks), dtype=accumulator, device=output.device)
     grad_bias = torch.empty(channels, dtype=output.dtype, device=output.device)
     if output.numel() == 0:
-        return grad_input, grad_bias.zero_()
-    wrap_triton(bias_leaky_relu_backward_kernel)[(blocks, channels)](
+        return grad_bias.zero_()
+    bias_leaky_relu_backward_kernel[(blocks, channels)](
         grad_output, output, grad_input, partials, outer, channels, inner, negative_slope, BLOCK=REDUCTION_BLOCK)
-    wrap_triton(channel_sum_kernel)[(channels,)](partials, grad_bias, blocks, BLOCK=CHANNEL_SUM_BLOCK)
-    return grad_input, grad_bias
+    channel_sum_kernel[(channels,)](partials, grad_bias, blocks, BLOCK=CHANNEL_SUM_BLOCK)
+    return grad_bias
+
+
+# The launchers, by the name of the op they implement (imggen_fast/ops/_registration.py).
+LAUNCHERS = {
+    "leaky_relu_backward_from_output": leaky_relu_backward_from_output,
+    "bias_leaky_relu_": bias_leaky_relu_,
+    "bias_leaky_relu_backward": bias_leaky_relu_backward,
+    "bias_leaky_relu_backward_": bias_leaky_relu_backward_,
+}
 
 
 AOT_KERNELS = [

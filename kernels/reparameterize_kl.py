@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ._triton_utils import AotKernel, autotune, dense
 
@@ -191,7 +190,6 @@ def grid_shape(mu: torch.Tensor) -> tuple[int, int, int]:
     return samples, per_sample, max(1, triton.cdiv(per_sample, CHUNK))
 
 
-@triton_op("imggen_fast_triton::reparameterize_kl_forward", mutates_args=())
 def reparameterize_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None,
                               seed: torch.Tensor | None, beta: float,
                               reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,17 +203,16 @@ def reparameterize_kl_forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch
     if mu.numel():
         eps = layout_like(eps, mu) if eps is not None else None
         partial = torch.empty(samples * chunks, dtype=sums.dtype, device=mu.device)
-        wrap_triton(reparameterize_kl_forward_kernel)[(samples * chunks,)](
+        reparameterize_kl_forward_kernel[(samples * chunks,)](
             mu, logvar, mu if eps is None else eps, mu if seed is None else seed, z, partial, per_sample, chunks,
             HAS_EPS=eps is not None)
         count = chunks if reduction == "none" else samples * chunks
-        wrap_triton(kl_finish_kernel)[(sums.numel(),)](partial, sums, count)
+        kl_finish_kernel[(sums.numel(),)](partial, sums, count)
     factor = -0.5 * beta * reduction_factor(reduction, samples, per_sample)
     kl = (sums * factor).to(mu.dtype)
     return z, kl if reduction == "none" else kl.reshape(())
 
 
-@triton_op("imggen_fast_triton::reparameterize_kl_backward", mutates_args=())
 def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tensor | None, mu: torch.Tensor,
                                logvar: torch.Tensor, eps: torch.Tensor | None, seed: torch.Tensor | None,
                                beta: float, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,11 +233,15 @@ def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tenso
     has_grad_z = grad_z is not None
     grad_z = layout_like(grad_z, mu) if has_grad_z else mu
     eps = layout_like(eps, mu) if eps is not None else None
-    wrap_triton(reparameterize_kl_backward_kernel)[(samples * chunks,)](
+    reparameterize_kl_backward_kernel[(samples * chunks,)](
         grad_z, kl_grad, mu, logvar, mu if eps is None else eps, mu if seed is None else seed, grad_mu, grad_logvar,
         per_sample, chunks, kl_grad_stride, HAS_GRAD_Z=has_grad_z, HAS_EPS=eps is not None or not has_grad_z)
     return grad_mu, grad_logvar
 
+
+# The launchers, by the name of the op they implement (imggen_fast/ops/_registration.py).
+LAUNCHERS = {"reparameterize_kl_forward": reparameterize_kl_forward,
+             "reparameterize_kl_backward": reparameterize_kl_backward}
 
 _FORWARD_SIGNATURE = {"mu_ptr": "*{dtype}", "logvar_ptr": "*{dtype}", "eps_ptr": "*{dtype}", "seed_ptr": "*i64",
                       "z_ptr": "*{dtype}", "partial_ptr": "*fp32", "per_sample": "i64", "chunks_per_sample": "i64"}

@@ -24,6 +24,7 @@
 #include <variant>
 #include <vector>
 
+#include "../backend.h"
 #include "../bce_with_logits.h"
 #include "cpu_utils.h"
 
@@ -412,11 +413,16 @@ acc_t reduce(acc_t sum, int64_t numel, int64_t reduction) {
 // ---------------------------------------------------------------------------------------
 // The ops.
 
-std::tuple<at::Tensor, at::Tensor> bce_with_logits(const at::Tensor& input, const std::optional<at::Tensor>& target,
-                                                   double target_value, const std::optional<at::Tensor>& weight,
-                                                   const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-                                                   bool compute_grad) {
-  constexpr const char* op = "bce_with_logits";
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_forward(const at::Tensor& input,
+                                                           const std::optional<at::Tensor>& target,
+                                                           double target_value,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& pos_weight,
+                                                           int64_t reduction, bool compute_grad) {
+  if (triton_chosen()) {
+    return call_triton<decltype(bce_with_logits_forward)>("bce_with_logits_forward", input, target, target_value, weight, pos_weight, reduction, compute_grad);
+  }
+  constexpr const char* op = "bce_with_logits_forward";
   check_reduction(op, reduction);
   const BceTensors tensors = bce_tensors(op, input, target, weight, pos_weight, reduction, compute_grad, kMinimumPeriod);
   const int64_t numel = tensors.input.numel();
@@ -435,10 +441,14 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits(const at::Tensor& input, cons
 // GAN discriminator loss: bce(real, real_label) + bce(fake, fake_label), one parallel loop
 // over both. Reduction "none" needs one shape; the two loss tensors are then added (an
 // extra pass, for a reduction GAN training does not use).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss(const at::Tensor& real_logits, const at::Tensor& fake_logits,
-                                                          double real_label, double fake_label, int64_t reduction,
-                                                          bool compute_grad) {
-  constexpr const char* op = "gan_d_loss";
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss_forward(const at::Tensor& real_logits,
+                                                                  const at::Tensor& fake_logits, double real_label,
+                                                                  double fake_label, int64_t reduction,
+                                                                  bool compute_grad) {
+  if (triton_chosen()) {
+    return call_triton<decltype(gan_d_loss_forward)>("gan_d_loss_forward", real_logits, fake_logits, real_label, fake_label, reduction, compute_grad);
+  }
+  constexpr const char* op = "gan_d_loss_forward";
   check_gan_d_loss_arguments(op, real_logits, fake_logits, reduction);
   const at::Tensor real_input = dense(real_logits);
   // Reduction "none" adds the two losses elementwise: the fake input in the real one's layout.
@@ -466,6 +476,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss(const at::Tensor& real
 // over all of them; each result in its unit_grad's layout.
 std::vector<at::Tensor> bce_with_logits_backward(const at::Tensor& grad_output, at::TensorList unit_grads,
                                                  int64_t reduction) {
+  if (triton_chosen()) {
+    return call_triton<decltype(bce_with_logits_backward)>("bce_with_logits_backward", grad_output, unit_grads, reduction);
+  }
   constexpr const char* op = "bce_with_logits_backward";
   check_reduction(op, reduction);
   std::vector<at::Tensor> units, grad_outputs, results;
@@ -507,8 +520,8 @@ std::vector<at::Tensor> bce_with_logits_backward(const at::Tensor& grad_output, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imggen_fast, CPU, m) {
-  m.impl("bce_with_logits", &bce_with_logits);
-  m.impl("gan_d_loss", &gan_d_loss);
+  m.impl("bce_with_logits_forward", &bce_with_logits_forward);
+  m.impl("gan_d_loss_forward", &gan_d_loss_forward);
   m.impl("bce_with_logits_backward", &bce_with_logits_backward);
 }
 

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "../backend.h"
 #include "../leaky_relu.h"
 #include "cpu_utils.h"
 
@@ -19,6 +20,9 @@ namespace {
 
 at::Tensor leaky_relu_backward_from_output(const at::Tensor& grad_output, const at::Tensor& output,
                                            double negative_slope) {
+  if (triton_chosen()) {
+    return call_triton<decltype(leaky_relu_backward_from_output)>("leaky_relu_backward_from_output", grad_output, output, negative_slope);
+  }
   check_same_shape_and_dtype("leaky_relu_backward_from_output", grad_output, "grad_output", output,
                              "output");
   const at::Tensor output_dense = dense(output);
@@ -69,6 +73,10 @@ at::Tensor bias_in_accumulation_type(const std::optional<at::Tensor>& bias, cons
 
 void bias_leaky_relu_(const at::Tensor& output, const std::optional<at::Tensor>& bias, double negative_slope,
                       int64_t channel_dim) {
+  if (triton_chosen()) {
+    call_triton<decltype(bias_leaky_relu_)>("bias_leaky_relu_", output, bias, negative_slope, channel_dim);
+    return;
+  }
   channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
   const auto layout = channel_layout(output, channel_dim);
   TORCH_CHECK(layout.has_value(), "bias_leaky_relu_: output must be contiguous or channels_last");
@@ -230,6 +238,9 @@ at::Tensor mask_and_bias_gradient(const at::Tensor& grad_dense, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& grad_output,
                                                             const at::Tensor& output, double negative_slope,
                                                             int64_t channel_dim) {
+  if (triton_chosen()) {
+    return call_triton<decltype(bias_leaky_relu_backward)>("bias_leaky_relu_backward", grad_output, output, negative_slope, channel_dim);
+  }
   const MaskSweepOperands operands = mask_sweep_operands("bias_leaky_relu_backward", grad_output, output, channel_dim);
   at::Tensor grad_bias = mask_and_bias_gradient(operands.grad_output, operands.output, operands.grad_input,
                                                 negative_slope, operands.channel_dim);
@@ -240,6 +251,9 @@ std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& gr
 // bias gradient. The layers' backward uses it when it owns grad_output outright.
 at::Tensor bias_leaky_relu_backward_(const at::Tensor& grad_output, const at::Tensor& output, double negative_slope,
                                      int64_t channel_dim) {
+  if (triton_chosen()) {
+    return call_triton<decltype(bias_leaky_relu_backward_)>("bias_leaky_relu_backward_", grad_output, output, negative_slope, channel_dim);
+  }
   check_same_shape_and_dtype("bias_leaky_relu_backward_", grad_output, "grad_output", output, "output");
   channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
   check_in_place_operand(grad_output, output, channel_dim);

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../backend.h"
 #include "../bce_with_logits.h"
 #include "cuda_utils.h"
 
@@ -153,11 +154,16 @@ void run_sweeps(const Sweep<scalar_t, acc_t>& first, const Sweep<scalar_t, acc_t
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> bce_with_logits(const at::Tensor& input, const std::optional<at::Tensor>& target,
-                                                   double target_value, const std::optional<at::Tensor>& weight,
-                                                   const std::optional<at::Tensor>& pos_weight, int64_t reduction,
-                                                   bool compute_grad) {
-  constexpr const char* op = "bce_with_logits";
+std::tuple<at::Tensor, at::Tensor> bce_with_logits_forward(const at::Tensor& input,
+                                                           const std::optional<at::Tensor>& target,
+                                                           double target_value,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const std::optional<at::Tensor>& pos_weight,
+                                                           int64_t reduction, bool compute_grad) {
+  if (triton_chosen()) {
+    return call_triton<decltype(bce_with_logits_forward)>("bce_with_logits_forward", input, target, target_value, weight, pos_weight, reduction, compute_grad);
+  }
+  constexpr const char* op = "bce_with_logits_forward";
   check_reduction(op, reduction);
   const c10::cuda::CUDAGuard device_guard(input.device());
   // No tiling of short periods (minimum period 1): each thread computes its own index.
@@ -175,10 +181,14 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits(const at::Tensor& input, cons
   return {loss, compute_grad ? tensors.grad : input.new_empty({0})};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss(const at::Tensor& real_logits, const at::Tensor& fake_logits,
-                                                          double real_label, double fake_label, int64_t reduction,
-                                                          bool compute_grad) {
-  constexpr const char* op = "gan_d_loss";
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss_forward(const at::Tensor& real_logits,
+                                                                  const at::Tensor& fake_logits, double real_label,
+                                                                  double fake_label, int64_t reduction,
+                                                                  bool compute_grad) {
+  if (triton_chosen()) {
+    return call_triton<decltype(gan_d_loss_forward)>("gan_d_loss_forward", real_logits, fake_logits, real_label, fake_label, reduction, compute_grad);
+  }
+  constexpr const char* op = "gan_d_loss_forward";
   check_gan_d_loss_arguments(op, real_logits, fake_logits, reduction);
   const c10::cuda::CUDAGuard device_guard(real_logits.device());
   const at::Tensor real_input = dense(real_logits);
@@ -201,6 +211,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gan_d_loss(const at::Tensor& real
 
 std::vector<at::Tensor> bce_with_logits_backward(const at::Tensor& grad_output, at::TensorList unit_grads,
                                                  int64_t reduction) {
+  if (triton_chosen()) {
+    return call_triton<decltype(bce_with_logits_backward)>("bce_with_logits_backward", grad_output, unit_grads, reduction);
+  }
   constexpr const char* op = "bce_with_logits_backward";
   check_reduction(op, reduction);
   const c10::cuda::CUDAGuard device_guard(grad_output.device());
@@ -229,8 +242,8 @@ std::vector<at::Tensor> bce_with_logits_backward(const at::Tensor& grad_output, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imggen_fast, CUDA, m) {
-  m.impl("bce_with_logits", &bce_with_logits);
-  m.impl("gan_d_loss", &gan_d_loss);
+  m.impl("bce_with_logits_forward", &bce_with_logits_forward);
+  m.impl("gan_d_loss_forward", &gan_d_loss_forward);
   m.impl("bce_with_logits_backward", &bce_with_logits_backward);
 }
 

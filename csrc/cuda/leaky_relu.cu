@@ -14,6 +14,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../backend.h"
 #include "../leaky_relu.h"
 #include "cuda_utils.h"
 
@@ -36,6 +37,9 @@ __global__ void leaky_relu_backward_from_output_kernel(const scalar_t* __restric
 
 at::Tensor leaky_relu_backward_from_output(const at::Tensor& grad_output, const at::Tensor& output,
                                            double negative_slope) {
+  if (triton_chosen()) {
+    return call_triton<decltype(leaky_relu_backward_from_output)>("leaky_relu_backward_from_output", grad_output, output, negative_slope);
+  }
   check_same_shape_and_dtype("leaky_relu_backward_from_output", grad_output, "grad_output", output,
                              "output");
   const c10::cuda::CUDAGuard device_guard(output.device());
@@ -77,16 +81,22 @@ __global__ void bias_leaky_relu_kernel(scalar_t* __restrict__ output, const scal
 
 void bias_leaky_relu_(const at::Tensor& output, const std::optional<at::Tensor>& bias, double negative_slope,
                       int64_t channel_dim) {
+  if (triton_chosen()) {
+    call_triton<decltype(bias_leaky_relu_)>("bias_leaky_relu_", output, bias, negative_slope, channel_dim);
+    return;
+  }
   channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
   const auto layout = channel_layout(output, channel_dim);
   TORCH_CHECK(layout.has_value(), "bias_leaky_relu_: output must be contiguous or channels_last");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == layout->channels && bias->is_contiguous() &&
-                    bias->scalar_type() == output.scalar_type() && bias->device() == output.device(),
-                "bias_leaky_relu_: bias must be a contiguous (", layout->channels,
-                ") tensor of output's dtype on output's device");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == layout->channels && bias->scalar_type() == output.scalar_type() &&
+                    bias->device() == output.device(),
+                "bias_leaky_relu_: bias must be a (", layout->channels, ") tensor of output's dtype on output's device");
   }
+  // The kernel reads the bias as a dense vector: a strided, expanded or offset view is
+  // copied (C elements) rather than read past its end.
+  const at::Tensor bias_dense = has_bias ? bias->contiguous() : at::Tensor();
   const int64_t numel = output.numel();
   if (numel == 0) {
     return;
@@ -95,7 +105,7 @@ void bias_leaky_relu_(const at::Tensor& output, const std::optional<at::Tensor>&
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, output.scalar_type(), "bias_leaky_relu_", [&] {
     bias_leaky_relu_kernel<scalar_t><<<elementwise_blocks(numel), kThreadsPerBlock, 0, stream>>>(
-        output.mutable_data_ptr<scalar_t>(), has_bias ? bias->const_data_ptr<scalar_t>() : nullptr, numel,
+        output.mutable_data_ptr<scalar_t>(), has_bias ? bias_dense.const_data_ptr<scalar_t>() : nullptr, numel,
         layout->channels, layout->inner, static_cast<at::opmath_type<scalar_t>>(negative_slope));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -199,6 +209,9 @@ at::Tensor mask_and_bias_gradient(const at::Tensor& grad_dense, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& grad_output,
                                                             const at::Tensor& output, double negative_slope,
                                                             int64_t channel_dim) {
+  if (triton_chosen()) {
+    return call_triton<decltype(bias_leaky_relu_backward)>("bias_leaky_relu_backward", grad_output, output, negative_slope, channel_dim);
+  }
   const c10::cuda::CUDAGuard device_guard(output.device());
   const MaskSweepOperands operands = mask_sweep_operands("bias_leaky_relu_backward", grad_output, output, channel_dim);
   at::Tensor grad_bias = mask_and_bias_gradient(operands.grad_output, operands.output, operands.grad_input,
@@ -208,6 +221,9 @@ std::tuple<at::Tensor, at::Tensor> bias_leaky_relu_backward(const at::Tensor& gr
 
 at::Tensor bias_leaky_relu_backward_(const at::Tensor& grad_output, const at::Tensor& output, double negative_slope,
                                      int64_t channel_dim) {
+  if (triton_chosen()) {
+    return call_triton<decltype(bias_leaky_relu_backward_)>("bias_leaky_relu_backward_", grad_output, output, negative_slope, channel_dim);
+  }
   check_same_shape_and_dtype("bias_leaky_relu_backward_", grad_output, "grad_output", output, "output");
   channel_dim = c10::maybe_wrap_dim(channel_dim, output.dim());
   check_in_place_operand(grad_output, output, channel_dim);

@@ -17,6 +17,7 @@
 
 #include <tuple>
 
+#include "../backend.h"
 #include "../reparameterize_kl.h"
 #include "cuda_utils.h"
 
@@ -164,6 +165,9 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_forward(const at::Tensor& m
                                                              const c10::optional<at::Tensor>& eps,
                                                              const c10::optional<at::Tensor>& seed, double beta,
                                                              c10::string_view reduction_name) {
+  if (triton_chosen()) {
+    return call_triton<decltype(reparameterize_kl_forward)>("reparameterize_kl_forward", mu, logvar, eps, seed, beta, reduction_name);
+  }
   const Reduction reduction = parse_reduction(reduction_name);
   const c10::cuda::CUDAGuard device_guard(mu.device());
   const Operands operands = batch_major_operands(kForwardName, mu, logvar, eps);
@@ -208,6 +212,9 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward(
     const c10::optional<at::Tensor>& grad_z, const c10::optional<at::Tensor>& grad_kl, const at::Tensor& mu,
     const at::Tensor& logvar, const c10::optional<at::Tensor>& eps, const c10::optional<at::Tensor>& seed,
     double beta, c10::string_view reduction_name) {
+  if (triton_chosen()) {
+    return call_triton<decltype(reparameterize_kl_backward)>("reparameterize_kl_backward", grad_z, grad_kl, mu, logvar, eps, seed, beta, reduction_name);
+  }
   const Reduction reduction = parse_reduction(reduction_name);
   const c10::cuda::CUDAGuard device_guard(mu.device());
   const Operands operands = backward_operands(grad_z, grad_kl, mu, logvar, eps, seed, reduction);

@@ -1,13 +1,24 @@
-"""Attaching fake implementations and autograd to an op's custom ops.
+"""What the ops modules attach to the C++ ops, and how the Triton launchers join them.
 
-The C++ ops (``torch.ops.imggen_fast.*``, which exist once the library is loaded) get
-their fake implementation here and carry their autograd in C++. The Triton ops
-(``torch.ops.imggen_fast_triton.*``, which exist once their module is imported) get the
-same fake implementation and their autograd from the Python twin of the C++ formula."""
+* :func:`register_fake`: an op's fake (meta) implementation, attached as soon as the C++
+  library loads (the ops exist only then), whoever loads it first.
+* :func:`op`: the handle ``torch.ops.imggen_fast.<name>.default``, looked up once.
+* :func:`register_triton_launchers`: each Triton launcher (``LAUNCHERS`` of every module
+  in ``imggen_fast.kernels``) becomes the internal op ``imggen_fast::_triton_<name>``,
+  defined with the op's own schema, which the C++ kernel entries call when the Triton
+  backend is chosen (csrc/backend.h). Where this build has no CUDA kernels, the launchers
+  are also registered as the ops' CUDA kernels, so that CUDA tensors reach them under
+  ``auto`` (all but a module's ``ONLY_WHEN_CHOSEN``: the Triton convolutions, which serve
+  only when the Triton backend is named). Launches run on the tensors' device, not the
+  current one.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
+import threading
 from collections.abc import Callable
 
 import torch
@@ -15,39 +26,82 @@ import torch
 from .. import _build
 
 
-def register(op: str, fake: Callable, backward: Callable | None = None,
-             setup_context: Callable | None = None) -> None:
-    """Registers ``fake`` as the fake (meta) implementation of ``op`` and, if given,
-    ``backward``/``setup_context`` as its autograd formula."""
-    torch.library.register_fake(op)(fake)
-    if backward is not None:
-        torch.library.register_autograd(op, backward, setup_context=setup_context)
+def register_fake(name: str, fake: Callable) -> None:
+    """Registers ``fake`` as the fake implementation of ``imggen_fast::<name>`` once the
+    library is loaded (now, if it is)."""
+    _build.on_load(lambda: torch.library.register_fake(f"imggen_fast::{name}")(fake))
 
 
-def cpp_op(name: str, fake: Callable, backward: Callable | None = None,
-           setup_context: Callable | None = None) -> Callable[[], Callable]:
-    """A loader for ``torch.ops.imggen_fast.<name>``: registers its fake implementation (and,
-    if given, a Python autograd formula) as soon as the C++ library loads, whoever loads
-    it first, and returns the op. Ops whose per-call overhead matters carry their
-    autograd in C++ instead (see csrc/autograd_utils.h for why) and pass no backward."""
-    _build.on_load(lambda: register(f"imggen_fast::{name}", fake, backward, setup_context))
-
-    def load() -> Callable:
-        return getattr(torch.ops.imggen_fast, name).default
-
-    return load
+@functools.cache
+def op(name: str):
+    """``torch.ops.imggen_fast.<name>.default`` (the library must be loaded)."""
+    return getattr(torch.ops.imggen_fast, name).default
 
 
-def triton_op(module: str, name: str, fake: Callable, backward: Callable | None = None,
-              setup_context: Callable | None = None) -> Callable[[], Callable]:
-    """A loader for the Triton op ``imggen_fast_triton::<name>`` defined in
-    ``imggen_fast.kernels.<module>``: imports it (and Triton) on first use and registers
-    its fake and autograd. The explicit fake replaces the one ``triton_op`` derives by
-    running the launcher on fake tensors, which the interpreter cannot do."""
+def _first_tensor_device(arguments: tuple) -> torch.device | None:
+    for argument in arguments:
+        if isinstance(argument, torch.Tensor):
+            return argument.device
+        if isinstance(argument, (list, tuple)) and argument and isinstance(argument[0], torch.Tensor):
+            return argument[0].device
+    return None
 
-    def load() -> Callable:
-        importlib.import_module(f"imggen_fast.kernels.{module}")
-        register(f"imggen_fast_triton::{name}", fake, backward, setup_context)
-        return getattr(torch.ops.imggen_fast_triton, name).default
 
-    return load
+def on_tensors_device(launcher: Callable) -> Callable:
+    """``launcher`` made to launch on the device of its first tensor argument: Triton
+    launches on the current CUDA device, which need not be the tensors' one."""
+
+    @functools.wraps(launcher)
+    def launch(*arguments):
+        device = _first_tensor_device(arguments)
+        if device is not None and device.type == "cuda":
+            with torch.cuda.device(device):
+                return launcher(*arguments)
+        return launcher(*arguments)
+
+    return launch
+
+
+_LIBRARY: torch.library.Library | None = None
+_registering = threading.Lock()
+_REGISTERED = False
+
+
+def kernel_modules() -> list[str]:
+    """The names of the modules of ``imggen_fast.kernels`` (one per op family)."""
+    kernels = importlib.import_module("imggen_fast.kernels")
+    return [info.name for info in pkgutil.iter_modules(kernels.__path__) if not info.name.startswith("_")]
+
+
+def triton_schema(name: str) -> str:
+    """The schema of ``imggen_fast::_triton_<name>``: the op's own, renamed."""
+    schema = str(op(name)._schema)
+    prefix = f"imggen_fast::{name}("
+    if not schema.startswith(prefix):
+        raise RuntimeError(f"imggen_fast: unexpected schema of {name}: {schema}")
+    return f"_triton_{name}(" + schema[len(prefix):]
+
+
+def register_triton_launchers() -> None:
+    """Registers every Triton launcher (once per process; imports Triton)."""
+    global _LIBRARY, _REGISTERED
+    if _REGISTERED:
+        return
+    with _registering:
+        if _REGISTERED:
+            return
+        status = _build.load()
+        if not status.available:
+            return
+        library = torch.library.Library("imggen_fast", "FRAGMENT")
+        launchers_as_cuda_kernels = torch.cuda.is_available() and not _build.cuda_build_wanted()
+        for module_name in kernel_modules():
+            module = importlib.import_module(f"imggen_fast.kernels.{module_name}")
+            for name, launcher in module.LAUNCHERS.items():
+                launch = on_tensors_device(launcher)
+                library.define(triton_schema(name))
+                library.impl(f"_triton_{name}", launch, "CompositeExplicitAutograd")
+                if launchers_as_cuda_kernels and name not in getattr(module, "ONLY_WHEN_CHOSEN", ()):
+                    library.impl(name, launch, "CUDA")
+        _LIBRARY = library
+        _REGISTERED = True

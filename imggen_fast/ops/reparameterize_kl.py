@@ -1,4 +1,8 @@
-"""The fused VAE reparameterization + KL ops.
+"""The fused VAE reparameterization + KL (schemas in csrc/registration.cpp).
+
+``reparameterize_kl(mu, logvar, eps, seed, beta, reduction) -> (z, kl)``, the public op
+(its autograd: csrc/reparameterize_kl_autograd.cpp), and its kernels (csrc/cpu,
+csrc/cuda, kernels/reparameterize_kl.py):
 
 ``reparameterize_kl_forward(mu, logvar, eps, seed, beta, reduction) -> (z, kl)``:
 ``z = mu + eps * exp(0.5 * logvar)`` and the beta-weighted KL of N(mu, exp(logvar)) from
@@ -9,7 +13,9 @@ element i (its flat index in mu's memory order) takes normal ``i % 4`` of Triton
 
 ``reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, eps, seed, beta, reduction)
 -> (grad_mu, grad_logvar)``: regenerates the noise from ``seed`` (or reads ``eps``).
-Autograd saves mu, logvar and the seed (or eps), nothing of the size of z more.
+Autograd saves mu, logvar and the seed (or eps), nothing of the size of z more. A double
+backward takes the eager formula of the gradients (the noise read back from the forward
+kernel).
 
 The seed is drawn per call with ``torch.randint`` from ``generator`` or the default
 generator of mu's device, so ``torch.manual_seed`` governs the noise, nothing waits for
@@ -18,12 +24,10 @@ the device, and ``torch.compile`` traces the draw without a graph break.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .. import backends, reference
-from ._registration import cpp_op, triton_op
+from ._registration import op, register_fake
 
 NAME = "reparameterize_kl"
 FORWARD = "reparameterize_kl_forward"
@@ -53,45 +57,10 @@ def _forward_fake(mu, logvar, eps, seed, beta, reduction):
     return output_like(mu), _kl_like(mu, reduction)
 
 
-def _backward_fake(grad_z, grad_kl, mu, logvar, eps, seed, beta, reduction):
-    return output_like(mu), output_like(mu)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    mu, logvar, eps, seed, beta, reduction = inputs
-    ctx.save_for_backward(mu, logvar, eps, seed)
-    ctx.beta = beta
-    ctx.reduction = reduction
-    # z or kl may be unused: their gradient then arrives as None, and the kernel skips it.
-    ctx.set_materialize_grads(False)
-
-
-def _autograd_backward(backward_op: Callable[[], Callable]) -> Callable:
-    """The autograd formula of a forward op, calling the backward op of the same backend."""
-
-    def backward(ctx, grad_z, grad_kl):
-        mu, logvar, eps, seed = ctx.saved_tensors
-        grad_mu, grad_logvar = backward_op()(grad_z, grad_kl, mu, logvar, eps, seed, ctx.beta, ctx.reduction)
-        needs_mu, needs_logvar = ctx.needs_input_grad[:2]
-        return (grad_mu if needs_mu else None), (grad_logvar if needs_logvar else None), None, None, None, None
-
-    return backward
-
-
-# The C++ op's autograd is C++ (csrc/cpu/reparameterize_kl.cpp, the Autograd key): the
-# Python path of register_autograd costs more than the kernels at VAE latent sizes.
-cpp_op(BACKWARD, _backward_fake)
-_cpp_forward = cpp_op(FORWARD, _forward_fake)
-_triton_backward = triton_op(NAME, BACKWARD, _backward_fake)
-_triton_forward = triton_op(NAME, FORWARD, _forward_fake, _autograd_backward(_triton_backward), _setup_context)
-
-IMPLEMENTATIONS = backends.Implementations(
-    NAME,
-    reference=reference.reparameterize_kl,
-    cpp=_cpp_forward,
-    cuda=_cpp_forward,
-    triton=_triton_forward,
-)
+register_fake(NAME, _forward_fake)
+register_fake(FORWARD, _forward_fake)
+register_fake(BACKWARD, lambda grad_z, grad_kl, mu, logvar, eps, seed, beta, reduction: (output_like(mu),
+                                                                                        output_like(mu)))
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -103,9 +72,9 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
                       reduction: str, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Arguments checked by the caller. The reference backend draws its noise with
     ``torch.randn`` (as ``reference.reparameterize_kl`` does), the kernels with Philox."""
-    unsupported = _EPS_REQUIRES_GRAD if eps is not None and eps.requires_grad else None
-    implementation = IMPLEMENTATIONS.select(mu.device, unsupported)
-    if implementation is reference.reparameterize_kl:
-        return implementation(mu, logvar, eps, beta=beta, reduction=reduction, generator=generator)
+    backend = backends.choose(mu.device.type)
+    if backend == "reference" or backends.falls_back(
+            NAME, backend, _EPS_REQUIRES_GRAD if eps is not None and eps.requires_grad else None):
+        return reference.reparameterize_kl(mu, logvar, eps, beta=beta, reduction=reduction, generator=generator)
     seed = draw_seed(mu.device, generator) if eps is None else None
-    return implementation(mu, logvar, eps, seed, beta, reduction)
+    return op(NAME)(mu, logvar, eps, seed, beta, reduction)
