@@ -8,7 +8,17 @@ Public names: :mod:`imggen_fast.functional`, :mod:`imggen_fast.nn`,
 from . import functional, models, nn
 from .patch import patch, unpatch
 from .backends import BackendUnavailable, get_backend, set_backend
+from . import _build
+
+
+def load_kernels() -> None:
+    """Builds the C++ kernels if they are not cached, and loads them: afterwards the ops
+    exist as ``torch.ops.imggen_fast.<op>``. Raises RuntimeError with the build's error
+    when they cannot be built."""
+    status = _build.load()
+    if not status.available:
+        raise RuntimeError(f"imggen_fast: the C++ kernels could not be built:\n{status.error}")
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "functional", "get_backend", "models", "nn", "patch", "set_backend", "unpatch", "__version__"]
+__all__ = ["BackendUnavailable", "functional", "get_backend", "load_kernels", "models", "nn", "patch", "set_backend", "unpatch", "__version__"]

@@ -64,12 +64,28 @@ def doctor(arguments: argparse.Namespace) -> int:
         print(f"{backend}:")
         for device_type in ("cpu", "cuda"):
             reason = backends.why_not(backend, device_type)
-            verdict = "usable" if reason is None else f"no: {reason.splitlines()[0]}"
+            verdict = "usable" if reason is None else f"no: {reason}"
             print(f"  {device_type.upper() + ' tensors:':<15} {verdict}")
     print()
-    for device_type in ("cpu", "cuda"):
-        print(f"auto picks for {device_type.upper()} tensors: {backends.auto_choice(device_type)}")
+    _print_auto_choices()
     return 0 if status.available else 1
+
+
+def _print_auto_choices() -> None:
+    """What ``auto`` picks per device and why, and what that runs for each op."""
+    from imggen_fast import backends
+    from imggen_fast.ops import bce_with_logits, layer_leaky_relu, reparameterize_kl
+
+    choices = {device_type: backends.auto_choice(device_type) for device_type in ("cpu", "cuda")}
+    for device_type, (backend, why) in choices.items():
+        print(f"auto picks for {device_type.upper()} tensors: {backend} ({why})")
+    print()
+    for module in (layer_leaky_relu, reparameterize_kl, bce_with_logits):
+        for op_name, implementations in module.IMPLEMENTATIONS.items():
+            print(f"{op_name}:")
+            for device_type, (backend, _) in choices.items():
+                what = implementations.get(backend, "the eager reference (imggen_fast/reference.py)")
+                print(f"  {device_type.upper() + ' tensors:':<15} {backend}: {what}")
 
 
 def build(arguments: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import imggen_fast
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 # (rtol, atol) for comparing a kernel with the reference computed in the same dtype.
@@ -44,17 +46,15 @@ def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 60
                           timeout=timeout, cwd=REPOSITORY)
 
 
-# opcheck's aot_dispatch tests trace a triton_op into its kernels, which the interpreter
-# cannot do on CPU tensors (no GPU, no real kernel launch to trace); on a GPU the full
-# set runs (see the requires_cuda tests).
-INTERPRETER_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
-ALL_OPCHECK_UTILS = INTERPRETER_OPCHECK_UTILS + ("test_aot_dispatch_dynamic",)
+def kernel_op(name: str):
+    """``torch.ops.imggen_fast.<name>.default``: the one op every backend implements (the C++
+    kernels, or the Triton launcher when the Triton backend is chosen in this thread)."""
+    imggen_fast.load_kernels()
+    return getattr(torch.ops.imggen_fast, name).default
+
 
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="needs a CUDA GPU; on this machine the Triton kernels are checked in the interpreter instead")
 
 
-def opcheck_utils(backend: str, device: torch.device) -> tuple[str, ...]:
-    """The opcheck test utilities that can run for ``backend`` on ``device``."""
-    return INTERPRETER_OPCHECK_UTILS if backend == "triton" and device.type == "cpu" else ALL_OPCHECK_UTILS

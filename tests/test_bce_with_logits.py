@@ -6,12 +6,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, channels_last, opcheck_utils, requires_cuda
+from helpers import assert_close, channels_last, kernel_op, requires_cuda
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import imggen_fast
 from imggen_fast import backends, functional, nn
-from imggen_fast.ops import bce_with_logits as bce_ops
 
 REDUCTIONS = ["mean", "sum", "none"]
 # (backend, dtype): the C++ kernel in every CPU dtype; Triton in its interpreter, fp32.
@@ -298,13 +297,13 @@ def test_number_target_is_never_materialised(requires_grad):
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_auto_backend_and_gradient_stored_only_when_needed(backend):
-    assert bce_ops.BCE_WITH_LOGITS.backend_for(torch.device("cpu")) == "cpp"
+    assert backends.choose("cpu") == "cpp"
     input = logits((5, 3))
+    op = kernel_op("bce_with_logits_forward")
     with imggen_fast.set_backend(backend):
-        op = bce_ops.BCE_WITH_LOGITS.select(input.device)
-    loss, unit_grad = op(input, None, 1.0, None, None, 1, False)
-    assert unit_grad.numel() == 0
-    loss_with_grad, unit_grad = op(input, None, 1.0, None, None, 1, True)
+        loss, unit_grad = op(input, None, 1.0, None, None, 1, False)
+        loss_with_grad, unit_grad = op(input, None, 1.0, None, None, 1, True)
+        assert torch.equal(loss, kernel_op("bce_with_logits")(input, None, 1.0, None, None, 1))
     assert torch.equal(loss, loss_with_grad)
     assert_close(unit_grad, expected_loss_and_grad(input, 1.0, grad_output=torch.tensor(1.0))[1])
 
@@ -333,17 +332,19 @@ def test_stored_gradient_survives_retain_graph_and_accumulates(grad_scale):
 
 
 def test_backward_takes_over_the_stored_gradient():
-    # Under autograd the C++ forward hands the caller an empty tensor in place of the
-    # stored gradient, and the backward returns that gradient, scaled in place: forward +
-    # backward allocate one buffer of the input's size per input, not two.
+    # The stored gradient stays inside the autograd node (the public op returns the loss
+    # alone, with or without autograd), and the backward returns it, scaled in place:
+    # forward + backward allocate one buffer of the input's size per input, not two.
     from imggen_fast.bench.common import peak_memory_bytes
 
     shape = (256, 1024)
     input, target = logits(shape).requires_grad_(), soft_labels(shape)
     real, fake = logits(shape, seed=2).requires_grad_(), logits(shape, seed=3).requires_grad_()
     size = input.numel() * input.element_size()
-    _, unit_grad = torch.ops.imggen_fast.bce_with_logits(input, target, 0.0, None, None, 1, True)
-    assert unit_grad.numel() == 0
+    loss = kernel_op("bce_with_logits")(input, target, 0.0, None, None, 1)
+    assert loss.shape == () and loss.requires_grad
+    with torch.no_grad():
+        assert torch.equal(loss.detach(), kernel_op("bce_with_logits")(input, target, 0.0, None, None, 1))
     for grad_output in (None, torch.tensor(0.5)):
         grads = {}
         peak = peak_memory_bytes(lambda: grads.update(bce=torch.autograd.grad(
@@ -365,12 +366,18 @@ def opcheck_samples(dtype=torch.float32):
     samples = []
     for reduction in (0, 1, 2):
         samples += [
-            ("bce_with_logits", (x, y, 0.0, None, None, reduction, False)),
-            ("bce_with_logits", (x.clone().requires_grad_(), None, 0.9, weight, pos_weight, reduction, True)),
-            ("bce_with_logits", (x_cl, soft_labels((2, 3, 4, 5), dtype), 0.0, None, None, reduction, True)),
-            ("gan_d_loss", (x.clone().requires_grad_(), logits((4, 6), dtype, seed=3), 1.0, 0.0, reduction, True)),
+            ("bce_with_logits", (x, y, 0.0, None, None, reduction)),
+            ("bce_with_logits", (x.clone().requires_grad_(), None, 0.9, weight, pos_weight, reduction)),
+            ("bce_with_logits", (x_cl.clone().requires_grad_(), soft_labels((2, 3, 4, 5), dtype), 0.0, None, None,
+                                 reduction)),
+            ("bce_with_logits_forward", (x, y, 0.0, None, None, reduction, False)),
+            ("bce_with_logits_forward", (x, None, 0.9, weight, pos_weight, reduction, True)),
+            ("bce_with_logits_forward", (x_cl, soft_labels((2, 3, 4, 5), dtype), 0.0, None, None, reduction, True)),
+            ("gan_d_loss", (x.clone().requires_grad_(), logits((4, 6), dtype, seed=3), 1.0, 0.0, reduction)),
+            ("gan_d_loss_forward", (x, logits((4, 6), dtype, seed=3), 1.0, 0.0, reduction, True)),
         ]
-    samples += [("gan_d_loss", (x, logits((9,), dtype), 0.9, 0.1, 1, False)),
+    samples += [("gan_d_loss", (x, logits((9,), dtype), 0.9, 0.1, 1)),
+                ("gan_d_loss_forward", (x, logits((9,), dtype), 0.9, 0.1, 1, False)),
                 ("bce_with_logits_backward", (torch.tensor(0.5, dtype=dtype), [x, logits((9,), dtype)], 1)),
                 ("bce_with_logits_backward", (logits((4, 6), dtype, seed=4), [x, y], 0))]
     return samples
@@ -380,13 +387,8 @@ def check_opcheck(backend, device):
     for name, args in opcheck_samples():
         args = tuple(arg.to(device) if isinstance(arg, torch.Tensor) else
                      [a.to(device) for a in arg] if isinstance(arg, list) else arg for arg in args)
-        if backend == "triton":
-            bce_ops.BCE_WITH_LOGITS._resolve("triton")
-            op = getattr(torch.ops.imggen_fast_triton, name).default
-        else:
-            bce_ops.BCE_WITH_LOGITS._resolve("cpp")
-            op = getattr(torch.ops.imggen_fast, name).default
-        torch.library.opcheck(op, args, test_utils=opcheck_utils(backend, device))
+        with imggen_fast.set_backend(backend):
+            torch.library.opcheck(kernel_op(name), args)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -397,7 +399,7 @@ def test_opcheck(backend):
 @requires_cuda
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_opcheck_cuda(backend):
-    check_opcheck("cpp" if backend == "cuda" else backend, torch.device("cuda"))
+    check_opcheck(backend, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"])

@@ -61,14 +61,14 @@ BROKEN_COMPILER_SCRIPT = """
 import json, warnings
 import torch
 import imggen_fast
-from imggen_fast import _build, functional
+from imggen_fast import _build, backends, functional
 from imggen_fast.ops import leaky_relu
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     g, y = torch.randn(4, 5), torch.randn(4, 5)
     first = functional.leaky_relu_backward_from_output(g, y, 0.2)
     second = functional.leaky_relu_backward_from_output(g, y, 0.2)
-    backend = leaky_relu.IMPLEMENTATIONS.backend_for(g.device)
+    backend = backends.choose(g.device.type)
 expected = torch.where(y > 0, g, g * 0.2)
 build_warnings = [str(w.message) for w in caught if issubclass(w.category, _build.BuildWarning)]
 try:
@@ -152,7 +152,7 @@ def test_wheel_installs_and_compiles_in_a_fresh_virtualenv(tmp_path):
     cache = tmp_path / "cache"
     script = (
         "import json, socket, time, torch\n"
-        "from imggen_fast import _build, functional\n"
+        "from imggen_fast import _build, backends, functional\n"
         "from imggen_fast.ops import leaky_relu\n"
         "directory = _build.cache_dir()\n"
         "directory.mkdir(parents=True)\n"
@@ -162,7 +162,7 @@ def test_wheel_installs_and_compiles_in_a_fresh_virtualenv(tmp_path):
         "g, y = torch.randn(3, 4), torch.randn(3, 4)\n"
         "ok = torch.equal(functional.leaky_relu_backward_from_output(g, y, 0.2), torch.where(y > 0, g, g * 0.2))\n"
         "print(json.dumps({'available': status.available, 'built_now': status.built_now, 'seconds': seconds,\n"
-        "  'csrc': str(_build.csrc_dir()), 'backend': leaky_relu.IMPLEMENTATIONS.backend_for(g.device), 'ok': ok}))\n"
+        "  'csrc': str(_build.csrc_dir()), 'backend': backends.choose(g.device.type), 'ok': ok}))\n"
     )
     run = subprocess.run([python, "-c", script], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "IMGGEN_FAST_CACHE": str(cache)}, timeout=900)

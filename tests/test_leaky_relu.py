@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, channels_last, opcheck_utils, requires_cuda
+from helpers import assert_close, channels_last, kernel_op, requires_cuda
 
 import imggen_fast
-from imggen_fast import functional, reference
-from imggen_fast.ops import leaky_relu as leaky_relu_ops
+from imggen_fast import backends, functional, reference
 
 SHAPES = [(1,), (3, 7), (2, 5, 3, 7), (64, 33), (4097,), (0, 4)]
 SLOPES = [0.0, 0.01, 0.2]
@@ -77,7 +76,7 @@ def test_mixed_layouts_and_strided_views(backend):
 
 def test_auto_uses_cpp_on_cpu():
     with imggen_fast.set_backend("auto"):
-        assert leaky_relu_ops.IMPLEMENTATIONS.backend_for(torch.device("cpu")) == "cpp"
+        assert backends.choose("cpu") == "cpp"
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
@@ -104,10 +103,10 @@ def test_gradient_with_respect_to_output_is_zero(backend):
 
 def check_op(backend, device, shape):
     grad_output, output = (t.to(device) for t in make_pair(shape, torch.float32, 0.2))
+    op = kernel_op("leaky_relu_backward_from_output")
     with imggen_fast.set_backend(backend):
-        op = leaky_relu_ops.IMPLEMENTATIONS.select(output.device)
-    for sample in [(grad_output, output, 0.2), (grad_output.requires_grad_(), output, 0.0)]:
-        torch.library.opcheck(op, sample, test_utils=opcheck_utils(backend, output.device))
+        for sample in [(grad_output, output, 0.2), (grad_output.requires_grad_(), output, 0.0)]:
+            torch.library.opcheck(op, sample)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
@@ -172,7 +171,7 @@ BIAS_BACKWARD_CASES = [(backend, dtype, shape, channel_dim) for backend, dtype i
 def test_bias_backward_matches_reference(backend, dtype, shape, channel_dim):
     grad_output, output, _ = make_bias_case(shape, channel_dim, dtype, 0.2)
     with imggen_fast.set_backend(backend):
-        grad_input, grad_bias = leaky_relu_ops.bias_leaky_relu_backward(grad_output, output, 0.2, channel_dim)
+        grad_input, grad_bias = kernel_op("bias_leaky_relu_backward")(grad_output, output, 0.2, channel_dim)
     expected_input, expected_bias = reference.bias_leaky_relu_backward(grad_output.double(), output.double(), 0.2,
                                                                        channel_dim)
     assert_close(grad_input, expected_input.to(dtype), dtype)
@@ -191,9 +190,9 @@ def test_bias_forward_in_place_matches_reference(backend, layout):
     reference.bias_leaky_relu_(expected, bias, 0.2, 1)
     actual = pre.clone(memory_format=torch.preserve_format)
     with imggen_fast.set_backend(backend):
-        returned = leaky_relu_ops.bias_leaky_relu_(actual, bias, 0.2, 1)
-        leaky_relu_ops.bias_leaky_relu_(without_bias := pre.clone(memory_format=torch.preserve_format), None, 0.2, 1)
-    assert returned is actual and actual.stride() == pre.stride()
+        kernel_op("bias_leaky_relu_")(actual, bias, 0.2, 1)
+        kernel_op("bias_leaky_relu_")(without_bias := pre.clone(memory_format=torch.preserve_format), None, 0.2, 1)
+    assert actual.stride() == pre.stride()
     assert_close(actual, expected)
     assert_close(without_bias, F.leaky_relu(pre, 0.2))
 
@@ -203,7 +202,7 @@ def test_bias_backward_channels_last(backend):
     grad_output, output, _ = make_bias_case((2, 6, 5, 3), 1, torch.float32, 0.2)
     output = channels_last(output)
     with imggen_fast.set_backend(backend):
-        grad_input, grad_bias = leaky_relu_ops.bias_leaky_relu_backward(grad_output, output, 0.2, 1)
+        grad_input, grad_bias = kernel_op("bias_leaky_relu_backward")(grad_output, output, 0.2, 1)
     expected_input, expected_bias = reference.bias_leaky_relu_backward(grad_output, output, 0.2, 1)
     assert grad_input.is_contiguous(memory_format=torch.channels_last)
     assert_close(grad_input, expected_input)
@@ -218,7 +217,7 @@ def test_bias_gradient_bits_do_not_depend_on_threads(shape, channel_dim):
     try:
         for count in (1, 2, threads):
             torch.set_num_threads(count)
-            results.append(leaky_relu_ops.bias_leaky_relu_backward(grad_output, output, 0.2, channel_dim))
+            results.append(kernel_op("bias_leaky_relu_backward")(grad_output, output, 0.2, channel_dim))
     finally:
         torch.set_num_threads(threads)
     for grad_input, grad_bias in results[1:]:
@@ -230,7 +229,7 @@ def test_bias_backward_gradcheck_and_double_backward():
     grad_output.requires_grad_(True)
 
     def both(grad):
-        grad_input, grad_bias = leaky_relu_ops.bias_leaky_relu_backward(grad, output, 0.2, 1)
+        grad_input, grad_bias = kernel_op("bias_leaky_relu_backward")(grad, output, 0.2, 1)
         return grad_input, grad_bias
 
     for backend in ("cpp", "triton"):
@@ -242,15 +241,13 @@ def test_bias_backward_gradcheck_and_double_backward():
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_bias_ops_opcheck(backend):
     grad_output, output, bias = make_bias_case((2, 3, 4, 5), 1, torch.float32, 0.2)
+    backward, forward = kernel_op("bias_leaky_relu_backward"), kernel_op("bias_leaky_relu_")
     with imggen_fast.set_backend(backend):
-        backward = leaky_relu_ops.BIAS_BACKWARD.select(output.device)
-        forward = leaky_relu_ops.BIAS_FORWARD.select(output.device)
-    utils = opcheck_utils(backend, output.device)
-    for sample in [(grad_output, output, 0.2, 1), (grad_output.requires_grad_(), channels_last(output), 0.0, 1),
-                   (grad_output.reshape(-1, 5), output.reshape(-1, 5), 0.01, -1)]:
-        torch.library.opcheck(backward, sample, test_utils=utils)
-    for sample in [(output.clone(), bias, 0.2, 1), (output.clone(), None, 0.0, 1)]:
-        torch.library.opcheck(forward, sample, test_utils=utils)
+        for sample in [(grad_output, output, 0.2, 1), (grad_output.requires_grad_(), channels_last(output), 0.0, 1),
+                       (grad_output.reshape(-1, 5), output.reshape(-1, 5), 0.01, -1)]:
+            torch.library.opcheck(backward, sample)
+        for sample in [(output.clone(), bias, 0.2, 1), (output.clone(), None, 0.0, 1)]:
+            torch.library.opcheck(forward, sample)
 
 
 def test_in_place_bias_backward_matches_and_checks_its_operand():

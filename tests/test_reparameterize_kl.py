@@ -8,10 +8,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import TOLERANCES, assert_close, channels_last, opcheck_utils, requires_cuda
+from helpers import TOLERANCES, assert_close, channels_last, kernel_op, requires_cuda
 
 import imggen_fast
-from imggen_fast import functional, models, reference
+from imggen_fast import backends, functional, models, reference
 from imggen_fast import nn as fused_nn
 from imggen_fast.backends import FallbackWarning
 from imggen_fast.ops import reparameterize_kl as ops
@@ -178,7 +178,7 @@ def test_large_outputs_match_reference():
 
 def test_auto_uses_cpp_on_cpu():
     with imggen_fast.set_backend("auto"):
-        assert ops.IMPLEMENTATIONS.backend_for(torch.device("cpu")) == "cpp"
+        assert backends.choose("cpu") == "cpp"
 
 
 def test_reference_backend_and_eps_requiring_grad_use_the_reference():
@@ -234,8 +234,7 @@ def test_cpp_noise_is_tl_randn4x(seed, shape):
     seed_tensor = torch.tensor([seed])
     zeros = torch.zeros(shape)
     with imggen_fast.set_backend("cpp"):
-        op = ops.IMPLEMENTATIONS.select(zeros.device)
-    z, _ = op(zeros, zeros, None, seed_tensor, 1.0, "sum")
+        z, _ = kernel_op("reparameterize_kl")(zeros, zeros, None, seed_tensor, 1.0, "sum")
     torch.testing.assert_close(z.flatten(), triton_randn4x(seed, zeros.numel()), **NOISE_TOLERANCE)
 
 
@@ -244,8 +243,7 @@ def test_triton_kernel_noise_is_tl_randn4x(shape):
     seed = 987654321
     zeros = torch.zeros(shape)
     with imggen_fast.set_backend("triton"):
-        op = ops.IMPLEMENTATIONS.select(zeros.device)
-    z, _ = op(zeros, zeros, None, torch.tensor([seed]), 1.0, "sum")
+        z, _ = kernel_op("reparameterize_kl")(zeros, zeros, None, torch.tensor([seed]), 1.0, "sum")
     torch.testing.assert_close(z.flatten(), triton_randn4x(seed, zeros.numel()), **NOISE_TOLERANCE)
 
 
@@ -344,17 +342,17 @@ def backward_samples(shape, dtype=torch.float32):
 
 
 def check_ops(backend, device, shapes):
+    public, forward, backward = (kernel_op(name) for name in (ops.NAME, ops.FORWARD, ops.BACKWARD))
     with imggen_fast.set_backend(backend):
-        forward = ops.IMPLEMENTATIONS.select(device)
-    backward = getattr(torch.ops.imggen_fast if backend in ("cpp", "cuda") else torch.ops.imggen_fast_triton,
-                       ops.BACKWARD).default
-    for shape in shapes:
-        for sample in op_samples(shape):
-            sample = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in sample)
-            torch.library.opcheck(forward, sample, test_utils=opcheck_utils(backend, device))
-        for sample in backward_samples(shape):
-            sample = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in sample)
-            torch.library.opcheck(backward, sample, test_utils=opcheck_utils(backend, device))
+        for shape in shapes:
+            for sample in op_samples(shape):
+                sample = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in sample)
+                torch.library.opcheck(public, sample)
+                torch.library.opcheck(forward, tuple(t.detach() if isinstance(t, torch.Tensor) else t
+                                                     for t in sample))
+            for sample in backward_samples(shape):
+                sample = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in sample)
+                torch.library.opcheck(backward, sample)
 
 
 def test_opcheck_cpp():
@@ -402,6 +400,30 @@ def test_gradcheck(backend):
         assert torch.autograd.gradcheck(
             lambda m, v: functional.reparameterize_kl(m, v, generator=torch.Generator().manual_seed(6)), (mu, logvar),
             fast_mode=fast_mode)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_double_backward_matches_the_eager_formula(backend):
+    """A gradient penalty on the bottleneck's gradients (create_graph=True) is
+    differentiated exactly: gradgradcheck with eps given and with the kernel's own noise."""
+    mu, logvar, eps, _ = make_inputs((3, 5), torch.float64)
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    fast_mode = backend == "triton"
+    with imggen_fast.set_backend(backend):
+        for reduction in ("batchmean", "none"):
+            assert torch.autograd.gradgradcheck(
+                lambda m, v: functional.reparameterize_kl(m, v, eps, beta=0.7, reduction=reduction), (mu, logvar),
+                fast_mode=fast_mode)
+        assert torch.autograd.gradgradcheck(
+            lambda m, v: functional.reparameterize_kl(m, v, generator=torch.Generator().manual_seed(6)), (mu, logvar),
+            fast_mode=fast_mode)
+        # The case of the issue: a penalty on grad(kl, mu) reaches mu through the second term.
+        z, kl = functional.reparameterize_kl(mu, logvar, beta=1.0, reduction="sum")
+        grad_mu, _ = torch.autograd.grad(kl, (mu, logvar), create_graph=True)
+        (second,) = torch.autograd.grad(grad_mu.pow(2).sum(), mu)
+    # kl = -0.5 sum(1 + logvar - mu^2 - exp(logvar)): grad_mu = mu, so d sum(mu^2) / d mu = 2 mu.
+    assert_close(second, 2 * mu.detach())
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -477,7 +499,7 @@ def test_bad_input_names_the_argument(make_arguments, error, message):
 
 def test_direct_op_call_with_bad_arguments_raises_not_crashes():
     mu, logvar, _, _ = make_inputs((3, 4), torch.float32)
-    op = torch.ops.imggen_fast.reparameterize_kl_forward.default
+    op = kernel_op("reparameterize_kl")
     with pytest.raises(RuntimeError, match="needs eps or seed"):
         op(mu, logvar, None, None, 1.0, "sum")
     with pytest.raises(RuntimeError, match="reduction must be"):

@@ -32,10 +32,15 @@ def register_fake(name: str, fake: Callable) -> None:
     _build.on_load(lambda: torch.library.register_fake(f"imggen_fast::{name}")(fake))
 
 
-@functools.cache
+_OPS: dict = {}
+
+
 def op(name: str):
-    """``torch.ops.imggen_fast.<name>.default`` (the library must be loaded)."""
-    return getattr(torch.ops.imggen_fast, name).default
+    """``torch.ops.imggen_fast.<name>.default`` (the library must be loaded), looked up once."""
+    handle = _OPS.get(name)
+    if handle is None:
+        handle = _OPS[name] = getattr(torch.ops.imggen_fast, name).default
+    return handle
 
 
 def _first_tensor_device(arguments: tuple) -> torch.device | None:

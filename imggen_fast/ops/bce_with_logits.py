@@ -101,3 +101,12 @@ def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label:
     if not _kernel_serves("gan_d_loss", real_logits, None):
         return reference.gan_d_loss(real_logits, fake_logits, real_label, fake_label, REDUCTIONS[reduction])
     return op("gan_d_loss")(real_logits, fake_logits, real_label, fake_label, reduction)
+
+
+# What each backend runs for these ops (``imggen-fast doctor`` prints it).
+IMPLEMENTATIONS = {
+    name: {"cpp": "one vectorized C++ sweep: loss and stored gradient",
+           "cuda": "one CUDA C++ sweep: loss and stored gradient",
+           "triton": "one Triton sweep: loss and stored gradient (float64 goes to the reference)"}
+    for name in ("bce_with_logits", "gan_d_loss")
+}

@@ -84,3 +84,24 @@ def linear_leaky_relu(input, weight, bias, negative_slope):
     if backends.choose(input.device.type) == "reference":
         return reference.linear_leaky_relu(input, weight, bias, negative_slope)
     return op("linear_leaky_relu")(input, weight, bias, negative_slope)
+
+
+# What each backend runs for these ops (``imggen-fast doctor`` prints it).
+IMPLEMENTATIONS = {
+    "conv_transpose2d_leaky_relu": {
+        "cpp": "oneDNN's transposed convolution with LeakyReLU as a post-op (fp32, stride > 1), else ATen's "
+               "convolution + the C++ epilogue in place",
+        "cuda": "cuDNN through ATen, then the CUDA C++ bias + LeakyReLU epilogue in place",
+        "triton": "Triton's implicit-GEMM convolution with the epilogue in its store",
+    },
+    "conv2d_leaky_relu": {
+        "cpp": "oneDNN's convolution with LeakyReLU as a post-op (fp32), else ATen's convolution + the C++ epilogue",
+        "cuda": "cuDNN through ATen, then the CUDA C++ bias + LeakyReLU epilogue in place",
+        "triton": "Triton's implicit-GEMM convolution with the epilogue in its store",
+    },
+    "linear_leaky_relu": {
+        "cpp": "ATen's addmm (MKL), then the C++ LeakyReLU epilogue in place",
+        "cuda": "cuBLAS through ATen's addmm, then the CUDA C++ epilogue in place",
+        "triton": "ATen's addmm, then the Triton epilogue in place",
+    },
+}

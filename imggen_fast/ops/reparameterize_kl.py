@@ -78,3 +78,11 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
         return reference.reparameterize_kl(mu, logvar, eps, beta=beta, reduction=reduction, generator=generator)
     seed = draw_seed(mu.device, generator) if eps is None else None
     return op(NAME)(mu, logvar, eps, seed, beta, reduction)
+
+
+# What each backend runs for this op (``imggen-fast doctor`` prints it).
+IMPLEMENTATIONS = {NAME: {
+    "cpp": "one vectorized pass (AVX2 Philox + Box-Muller noise), backward regenerates the noise",
+    "cuda": "one CUDA C++ pass, backward regenerates the noise",
+    "triton": "one Triton pass (tl.randn4x noise), backward regenerates the noise",
+}}
