@@ -9,6 +9,10 @@
 //   d loss / d x = w * (l * sigmoid(x) - p * y)
 // Without pos_weight (p = 1, l = 1) this is max(x, 0) - x * y + log1p(exp(-|x|)) and
 // sigmoid(x) - y.
+//
+// At infinite logits the losses are eager's (torch evaluates the textbook form): x = +inf
+// gives (1 - y) * x (NaN for y = 1), x = -inf gives NaN (there -x and the linear term
+// cancel to inf - inf), although the limits are finite for hard labels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -38,11 +42,18 @@ IMGGEN_FAST_HOST_DEVICE acc_t exp_minus_abs(acc_t x) {
 // (1 - y) * x for x >= 0, and -p * y * x for x < 0 (the x and -x of the textbook form
 // cancel exactly instead of losing digits). A NaN logit takes the x < 0 branch: NaN out.
 template <typename acc_t>
+IMGGEN_FAST_HOST_DEVICE acc_t linear_term(acc_t x, acc_t y, acc_t pos_weight) {
+  if (x == -std::numeric_limits<acc_t>::infinity()) {
+    return std::numeric_limits<acc_t>::quiet_NaN();  // eager's inf - inf
+  }
+  return x >= acc_t(0) ? (acc_t(1) - y) * x : -pos_weight * y * x;
+}
+
+template <typename acc_t>
 IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_loss(acc_t x, acc_t y, acc_t weight, acc_t pos_weight) {
   using std::log1p;
   const acc_t log_weight = acc_t(1) + (pos_weight - acc_t(1)) * y;
-  const acc_t linear = x >= acc_t(0) ? (acc_t(1) - y) * x : -pos_weight * y * x;
-  return weight * (linear + log_weight * log1p(exp_minus_abs(x)));
+  return weight * (linear_term(x, y, pos_weight) + log_weight * log1p(exp_minus_abs(x)));
 }
 
 // sigmoid(-|x|) = e / (1 + e) with e = exp(-|x|): never overflows. sigmoid(x) is 1 minus
@@ -65,11 +76,11 @@ IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_grad(acc_t x, acc_t y, acc_t weigh
 }
 
 // The unweighted loss and gradient (weight = pos_weight = 1), what the GAN losses use:
-// max(x, 0) - x * y + log1p(exp(-|x|)) and sigmoid(x) - y (in the form above).
+// max(x, 0) - x * y + log1p(exp(-|x|)) and sigmoid(x) - y (in the forms above).
 template <typename acc_t>
 IMGGEN_FAST_HOST_DEVICE acc_t bce_with_logits_loss(acc_t x, acc_t y) {
   using std::log1p;
-  return (x > acc_t(0) ? x : acc_t(0)) - x * y + log1p(exp_minus_abs(x));
+  return linear_term(x, y, acc_t(1)) + log1p(exp_minus_abs(x));
 }
 
 template <typename acc_t>
@@ -93,9 +104,8 @@ IMGGEN_FAST_HOST_DEVICE LossAndGrad<acc_t> bce_with_logits_loss_and_grad(acc_t x
   const acc_t decay = exp_minus_abs(x);
   const acc_t log_weight = acc_t(1) + (pos_weight - acc_t(1)) * y;
   const bool non_negative = x >= acc_t(0);
-  const acc_t linear = non_negative ? (acc_t(1) - y) * x : -pos_weight * y * x;
   const acc_t small_side = log_weight * (decay / (acc_t(1) + decay));
-  return {weight * (linear + log_weight * log1p(decay)),
+  return {weight * (linear_term(x, y, pos_weight) + log_weight * log1p(decay)),
           weight * (non_negative ? (acc_t(1) - y) - small_side : small_side - pos_weight * y)};
 }
 

@@ -46,14 +46,16 @@ def _loss_and_grad(x, y, weight, pos_weight, WEIGHTED: tl.constexpr):
     loss = w ((1 - y) x + l softplus(-x)), l = 1 + (p - 1) y, written without cancellation;
     grad = w (l sigmoid(x) - p y) from sigmoid(-|x|), without rounding 1 - sigmoid(-|x|)."""
     softplus, sigmoid = _softplus_sigmoid_minus_abs(x)
+    # At x = -inf the loss is NaN, as eager's textbook form gives (inf - inf).
+    linear = tl.where(x >= 0, (1.0 - y) * x, -(pos_weight * y) * x)
+    linear = tl.where(x == float("-inf"), float("nan"), linear)
     if WEIGHTED:
         log_weight = 1.0 + (pos_weight - 1.0) * y
-        linear = tl.where(x >= 0, (1.0 - y) * x, -(pos_weight * y) * x)
         loss = weight * (linear + log_weight * softplus)
         small_side = log_weight * sigmoid
         grad = weight * tl.where(x >= 0, (1.0 - y) - small_side, small_side - pos_weight * y)
     else:
-        loss = tl.where(x > 0, x, 0.0) - x * y + softplus
+        loss = linear + softplus
         grad = tl.where(x >= 0, (1.0 - y) - sigmoid, sigmoid - y)
     return loss, grad
 

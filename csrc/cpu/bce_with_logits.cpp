@@ -177,17 +177,25 @@ C10_ALWAYS_INLINE SoftplusSigmoid<V> softplus_sigmoid_minus_abs(const V& x) {
 // The vector forms of csrc/bce_with_logits.h (same formulas, same branches) for a Vec or
 // a Pack, from softplus(-|x|) and sigmoid(-|x|): loss_from(x, y[, weight, pos_weight])
 // and grad_from(x, y[, weight, pos_weight]).
+// linear_term of csrc/bce_with_logits.h: (1 - y) x for x >= 0, -p y x below, NaN at -inf.
+template <typename V>
+C10_ALWAYS_INLINE V linear_term(const V& x, const V& y, const V& pos_weight_times_y) {
+  using value_t = typename V::value_type;
+  const V linear = V::blendv(pos_weight_times_y * x.neg(), (V(1) - y) * x, x >= V(0));
+  return V::blendv(linear, V(std::numeric_limits<value_t>::quiet_NaN()),
+                   x == V(-std::numeric_limits<value_t>::infinity()));
+}
+
 template <typename V>
 C10_ALWAYS_INLINE V loss_from(const V& softplus, const V& x, const V& y) {
-  return (at::vec::clamp_min(x, V(0)) - x * y) + softplus;
+  return linear_term(x, y, y) + softplus;
 }
 
 template <typename V>
 C10_ALWAYS_INLINE V loss_from(const V& softplus, const V& x, const V& y, const V& weight, const V& pos_weight) {
   const V one(1);
   const V log_weight = at::vec::fmadd(pos_weight - one, y, one);
-  const V linear = V::blendv((pos_weight * y) * x.neg(), (one - y) * x, x >= V(0));
-  return weight * at::vec::fmadd(log_weight, softplus, linear);
+  return weight * at::vec::fmadd(log_weight, softplus, linear_term(x, y, pos_weight * y));
 }
 
 template <typename V>

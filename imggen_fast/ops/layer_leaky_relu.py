@@ -48,10 +48,17 @@ def triton_gap(input: torch.Tensor, groups: int, weight: torch.Tensor, output_sa
     return None
 
 
-def _backend(name: str, input: torch.Tensor, gap) -> str:
-    """The backend serving a layer call; ``gap()`` says why Triton does not cover it, if so."""
+# A layer with no input channels (its output is the bias alone) is eager's business: the
+# kernels' GEMMs and oneDNN's fused convolution do not take an empty reduction.
+_EMPTY_REDUCTION = "a weight with zero elements (no input channels) is not covered by the kernels"
+
+
+def _backend(name: str, input: torch.Tensor, weight: torch.Tensor, triton_gap) -> str:
+    """The backend serving a layer call; ``triton_gap()`` says why Triton does not cover it, if so."""
     backend = backends.choose(input.device.type)
-    if backend == "triton" and backends.falls_back(name, backend, gap()):
+    if backends.falls_back(name, backend, _EMPTY_REDUCTION if weight.numel() == 0 else None):
+        return "reference"
+    if backend == "triton" and backends.falls_back(name, backend, triton_gap()):
         return "reference"
     return backend
 
@@ -63,7 +70,7 @@ def conv_transpose2d_leaky_relu(input, weight, bias, stride, padding, output_pad
     (H_out, W_out) (checked and computed by the caller)."""
     name = "conv_transpose2d_leaky_relu"
     output_sample = weight.shape[1] * groups * output_size[0] * output_size[1]
-    if _backend(name, input, lambda: triton_gap(input, groups, weight, output_sample)) == "reference":
+    if _backend(name, input, weight, lambda: triton_gap(input, groups, weight, output_sample)) == "reference":
         return reference.conv_transpose2d_leaky_relu(input, weight, bias, stride, padding, output_padding, groups,
                                                      dilation, negative_slope)
     return op(name)(input, weight, bias, stride, padding, output_padding, groups, dilation, negative_slope)
@@ -74,14 +81,14 @@ def conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, ne
     output_size the output's (H_out, W_out) (computed by the caller)."""
     name = "conv2d_leaky_relu"
     output_sample = weight.shape[0] * output_size[0] * output_size[1]
-    if _backend(name, input, lambda: triton_gap(input, groups, weight, output_sample)) == "reference":
+    if _backend(name, input, weight, lambda: triton_gap(input, groups, weight, output_sample)) == "reference":
         return reference.conv2d_leaky_relu(input, weight, bias, stride, padding, dilation, groups, negative_slope)
     return op(name)(input, weight, bias, stride, padding, dilation, groups, negative_slope)
 
 
 def linear_leaky_relu(input, weight, bias, negative_slope):
     """input (*, in), weight (out, in), bias (out,) or None -> (*, out)."""
-    if backends.choose(input.device.type) == "reference":
+    if _backend("linear_leaky_relu", input, weight, lambda: None) == "reference":
         return reference.linear_leaky_relu(input, weight, bias, negative_slope)
     return op("linear_leaky_relu")(input, weight, bias, negative_slope)
 
