@@ -85,7 +85,7 @@ class CannotTrace(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class PatchEntry:
     """One decision of :func:`patch`: ``action`` is ``"fused"``, ``"swapped"``,
-    ``"skipped"`` or ``"converted"``; ``where`` the module paths (or traced node names);
+    ``"skipped"``, ``"converted"`` or (:func:`imggen_fast.fuse_for_inference`) ``"folded"``; ``where`` the module paths (or traced node names);
     ``what`` the modules or calls; ``reason`` why, for what was skipped."""
 
     action: str
@@ -122,7 +122,9 @@ class PatchReport:
         return self.of("swapped")
 
     def __str__(self) -> str:
-        counts = ", ".join(f"{len(self.of(action))} {action}" for action in ("fused", "swapped", "converted", "skipped"))
+        counts = ", ".join(f"{len(self.of(action))} {action}" for action in ("folded", "fused", "swapped", "converted",
+                                                                              "skipped")
+                           if action in ("fused", "skipped") or self.of(action))
         title = f"imggen_fast.patch{' (traced copy)' if self.traced else ''}: {counts}"
         if not self.entries:
             hint = "" if self.traced else (" (patch(model) fuses pairs of modules inside an nn.Sequential; "
@@ -396,8 +398,7 @@ def _activation_call(node: torch.fx.Node,
         return node.args[0], 0.0, node.target == "relu_", f".{node.target}()"
     if node.op == "call_module" and type(modules[node.target]) in ACTIVATIONS:
         module = modules[node.target]
-        return (_argument(node, 0, "input", None), _activation_slope(module), module.inplace,
-                f"{node.target} ({_name(module)})")
+        return _argument(node, 0, "input", None), _activation_slope(module), module.inplace, _name(module)
     return None
 
 
@@ -405,7 +406,7 @@ def _describe(node: object, modules: dict[str, nn.Module]) -> str:
     if not isinstance(node, torch.fx.Node):
         return repr(node)
     if node.op == "call_module":
-        return f"{node.target} ({type(modules[node.target]).__name__})"
+        return f"{node.target} ({_name(modules[node.target])})"
     if node.op == "call_function":
         return f"{getattr(node.target, '__name__', node.target)}()"
     if node.op == "call_method":
@@ -453,7 +454,7 @@ def _patch_graph(graph_module: torch.fx.GraphModule, report: PatchReport) -> Non
         if activation is None:
             continue
         producer, slope, inplace, activation_name = activation
-        where = f"{_describe(producer, modules)} -> {activation_name}"
+        where = f"{_describe(producer, modules)} -> {_describe(node, modules)}"
         activation_module = modules[node.target] if node.op == "call_module" else None
         is_module_layer = (isinstance(producer, torch.fx.Node) and producer.op == "call_module"
                            and type(modules[producer.target]) in LAYER_PAIRS)
