@@ -169,7 +169,7 @@ def fuse_for_inference(model: nn.Module, *, trace: bool = False, verbose: bool =
         raise TypeError(f"fuse_for_inference: model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport(traced=bool(trace))
     if trace:
-        folded = _traced_copy(model).eval()
+        folded = _traced_copy(model, report, training=False)
         folded.__dict__[_TRACED] = True
         _fold_graph(folded, report)
         _patch_graph(folded, report)

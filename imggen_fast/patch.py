@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -414,19 +415,10 @@ def _describe(node: object, modules: dict[str, nn.Module]) -> str:
     return f"{node.op} {node.target}"
 
 
-def _traced_copy(model: nn.Module) -> torch.fx.GraphModule:
-    """A GraphModule traced from a deep copy of ``model``, or CannotTrace with torch.fx's
-    reason. Refuses a model whose inlined modules have hooks (tracing would run them
-    once, at trace time, instead of on every call)."""
-    tracer = _Tracer()
-    for path, module in model.named_modules():
-        if path and _has_hooks(module) and not tracer.is_leaf_module(module, path):
-            raise CannotTrace(f"patch(model, trace=True): {path} ({type(module).__name__}) has hooks, and tracing "
-                              "inlines its forward: they would run once at trace time, not on every call. Remove "
-                              "them or patch without trace=True")
-    root = copy.deepcopy(model)
+def _trace(model: nn.Module, root: nn.Module) -> torch.fx.Graph:
+    """torch.fx's graph of ``root.forward``, or CannotTrace with torch.fx's reason."""
     try:
-        graph = tracer.trace(root)
+        return _Tracer().trace(root)
     # torch.fx reports an untraceable forward with whatever the forward's code raised on
     # proxies (TraceError, TypeError, AttributeError, ...): each is re-raised, with its
     # message, as CannotTrace.
@@ -434,7 +426,115 @@ def _traced_copy(model: nn.Module) -> torch.fx.GraphModule:
         raise CannotTrace(f"patch(model, trace=True): torch.fx cannot trace {type(model).__name__}.forward: "
                           f"{type(error).__name__}: {error}. Patch without trace=True (Sequential pairs only), or "
                           "make forward traceable (no Python control flow on tensor values)") from error
-    return torch.fx.GraphModule(root, graph, type(model).__name__)
+
+
+def _training_positions(first: object, second: object, first_mode: bool, positions: list) -> bool:
+    """Whether two argument structures of matching nodes of a train-mode and an eval-mode
+    trace are equal but for constants that are the training flag itself (``first_mode``
+    in ``first``, its negation in ``second``); appends those constants' paths to
+    ``positions``, as tuples of indices / keys."""
+    def walk(a: object, b: object, path: tuple) -> bool:
+        if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node):
+            return isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a.name == b.name
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, (tuple, list)):
+            return len(a) == len(b) and all(walk(x, y, path + (index,)) for index, (x, y) in enumerate(zip(a, b)))
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(walk(a[key], b[key], path + (key,)) for key in a)
+        if isinstance(a, bool) and a is first_mode and b is (not first_mode):
+            positions.append(path)
+            return True
+        return a == b
+    return walk(first, second, ())
+
+
+def _replaced(structure: object, path: tuple, value: object) -> object:
+    """``structure`` (nested tuples / lists / dicts) with the item at ``path`` replaced."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(structure, dict):
+        return {**structure, head: _replaced(structure[head], rest, value)}
+    items = list(structure)
+    items[head] = _replaced(items[head], rest, value)
+    return type(structure)(items)
+
+
+def _follow_training_flag(graph: torch.fx.Graph, other: torch.fx.Graph, mode: bool) -> bool:
+    """Makes ``graph`` (traced in ``mode``) read ``self.training`` at run time where it and
+    ``other`` (traced in the other mode) differ only by the training flag as a constant
+    argument (``F.batch_norm(..., self.training)``, ``F.dropout(..., self.training)``).
+    Returns False, changing nothing, if they differ otherwise (forward branches on it)."""
+    nodes, other_nodes = list(graph.nodes), list(other.nodes)
+    if len(nodes) != len(other_nodes):
+        return False
+    substitutions = []
+    for node, other_node in zip(nodes, other_nodes):
+        positions: list[tuple] = []
+        if (node.op, node.target, node.name) != (other_node.op, other_node.target, other_node.name) or not (
+                _training_positions((node.args, node.kwargs), (other_node.args, other_node.kwargs), mode, positions)):
+            return False
+        substitutions += [(node, position) for position in positions]
+    if substitutions:
+        placeholders = [node for node in nodes if node.op == "placeholder"]
+        # get_attr of a plain attribute: torch.fx warns that it is no parameter, buffer or
+        # submodule, but codegen reads it as self.training, which is what is meant.
+        with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(nodes[0]), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node with no underlying reference")
+            training = graph.get_attr("training")
+        for node, (which, *path) in substitutions:
+            if which == 0:
+                node.args = _replaced(node.args, tuple(path), training)
+            else:
+                node.kwargs = _replaced(node.kwargs, tuple(path), training)
+    return True
+
+
+class _TracedInMode:
+    """Forward pre-hook of a traced copy whose forward branches on ``self.training``: the
+    copy computes what forward did in the mode it was traced in, so it refuses the other."""
+
+    def __init__(self, training: bool) -> None:
+        self.training = training
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if module.training != self.training:
+            mode = "train" if self.training else "eval"
+            raise RuntimeError(f"this copy made by imggen_fast.patch(model, trace=True) was traced in {mode} mode, "
+                               "and the model's forward branches on self.training, so it runs in that mode only; "
+                               f"patch(model.{'eval' if self.training else 'train'}(), trace=True) makes a copy "
+                               "for the other mode")
+
+
+def _traced_copy(model: nn.Module, report: PatchReport, training: bool | None = None) -> torch.fx.GraphModule:
+    """A GraphModule traced from a deep copy of ``model``, or CannotTrace with torch.fx's
+    reason. Refuses a model whose inlined modules have hooks (tracing would run them
+    once, at trace time, instead of on every call).
+
+    Tracing runs Python code once, so the training flag forward reads is frozen: forward
+    is traced in both modes; where they differ only by that flag passed as an argument,
+    the copy reads its own ``training`` at run time (train() / eval() work); where forward
+    branches on it, the copy keeps ``training`` (default: the model's current mode) and
+    refuses the other."""
+    tracer = _Tracer()
+    for path, module in model.named_modules():
+        if path and _has_hooks(module) and not tracer.is_leaf_module(module, path):
+            raise CannotTrace(f"patch(model, trace=True): {path} ({type(module).__name__}) has hooks, and tracing "
+                              "inlines its forward: they would run once at trace time, not on every call. Remove "
+                              "them or patch without trace=True")
+    root = copy.deepcopy(model)
+    mode = model.training if training is None else training
+    other = _trace(model, root.train(not mode))
+    graph = _trace(model, root.train(mode))
+    graph_module = torch.fx.GraphModule(root, graph, type(model).__name__).train(mode)
+    if not _follow_training_flag(graph, other, mode):
+        graph_module.register_forward_pre_hook(_TracedInMode(mode))
+        report.add("skipped", "forward", "train() / eval() of the copy",
+                   f"forward branches on self.training, so the copy runs in {'train' if mode else 'eval'} mode only")
+    graph_module.recompile()
+    return graph_module
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -560,7 +660,7 @@ def patch(model: nn.Module, *, trace: bool = False, channels_last: bool = False,
     trace = _checks.check_bool(trace, "trace", "patch")
     report = PatchReport(traced=trace)
     if trace:
-        model = _traced_copy(model)
+        model = _traced_copy(model, report)
         model.__dict__[_TRACED] = True
         _patch_graph(model, report)
     else:

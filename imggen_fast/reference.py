@@ -145,5 +145,9 @@ def batch_norm_leaky_relu(input: torch.Tensor, running_mean: torch.Tensor | None
     momentum, eps), negative_slope)``, updating the running statistics in place as
     ``F.batch_norm`` does. input (N, C, *); running_mean, running_var, weight, bias (C,)
     or None."""
-    return F.leaky_relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
-                        negative_slope)
+    normalized = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    # In place on batch_norm's fresh output, as the eager pair BatchNorm -> ReLU(inplace=True)
+    # runs: autograd then keeps one tensor (the activated output, which batch_norm's backward
+    # does not need) instead of two. The in-place backward reads the mask from the output,
+    # valid for slope >= 0 only.
+    return F.leaky_relu(normalized, negative_slope, inplace=negative_slope >= 0)
