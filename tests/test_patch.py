@@ -391,6 +391,51 @@ def test_trace_refuses_hooks_that_tracing_would_inline():
         imggen_fast.patch(model, trace=True)
 
 
+def test_a_traced_copy_follows_train_and_eval_where_forward_passes_self_training():
+    class PassesTheFlag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.register_buffer("running_mean", torch.zeros(4))
+            self.register_buffer("running_var", torch.ones(4))
+
+        def forward(self, x):
+            h = F.batch_norm(self.linear(x), self.running_mean, self.running_var, training=self.training)
+            return F.dropout(F.relu(h), 0.5, self.training)
+
+    torch.manual_seed(0)
+    eager = PassesTheFlag()
+    patched = imggen_fast.patch(eager, trace=True)
+    assert "batch_norm_leaky_relu" in patched.code and "self.training" in patched.code
+    x = torch.randn(6, 4)
+    for mode in ("train", "eval", "train"):
+        getattr(eager, mode)(), getattr(patched, mode)()
+        torch.manual_seed(1)
+        expected = eager(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(patched(x), expected)
+        torch.testing.assert_close(patched.running_mean, eager.running_mean)
+
+
+def test_a_traced_copy_of_a_forward_branching_on_self_training_refuses_the_other_mode():
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = F.relu(self.linear(x))
+            return h + torch.randn_like(h) if self.training else h
+
+    eager = Branches().eval()
+    patched = imggen_fast.patch(eager, trace=True)
+    assert "train() / eval()" in str(imggen_fast.patch_report(patched))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(patched(x), eager(x))
+    with pytest.raises(RuntimeError, match="traced in eval mode.*branches on self.training"):
+        patched.train()(x)
+
+
 def test_a_traced_copy_cannot_be_unpatched():
     patched = imggen_fast.patch(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), trace=True)
     with pytest.raises(TypeError, match="traced copy"):
