@@ -19,8 +19,8 @@ from torch import nn
 
 # The walkers and markers patch() uses (imported by name: the package's ``patch``
 # attribute is the function).
-from .patch import (_REPORT, _TRACED, PatchReport, _has_hooks, _looked_through, _patch_graph, _patch_modules,
-                    _runs_in_order, _sees_output, _traced_copy, _walk)
+from .patch import (_REPORT, _TRACED, PatchReport, _child_path, _has_hooks, _patch_graph, _patch_modules,
+                    _runs_in_order, _sees_output, _sequential_pairs, _traced_copy, _walk)
 
 FOLDABLE_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -96,22 +96,18 @@ def _fold_modules(model: nn.Module, report: PatchReport) -> None:
     for parent, path in containers:
         if not _runs_in_order(parent):
             continue
-        previous = None
-        for name, child in list(parent._modules.items()):
-            if child is None:
+        for layer_name, name in _sequential_pairs(parent, FOLDABLE_NORMS):
+            layer, norm = parent._modules.get(layer_name), parent._modules[name]
+            if type(layer) not in FOLDABLE_LAYERS:
                 continue
-            if type(child) in FOLDABLE_NORMS and previous is not None and type(parent._modules[previous]) in FOLDABLE_LAYERS:
-                layer = parent._modules[previous]
-                where = f"{path + '.' if path else ''}{previous} + {path + '.' if path else ''}{name}"
-                reason = _fold_refusal(layer, child, max(len(slots[id(layer)]), len(slots[id(child)])))
-                if reason is None:
-                    _fold(layer, child)
-                    parent._modules[name] = nn.Identity()
-                    report.add("folded", where, _describe_fold(layer, child))
-                else:
-                    report.add("skipped", where, f"{type(layer).__name__} + {type(child).__name__}", reason)
-            if not _looked_through(parent._modules[name]):
-                previous = name
+            where = f"{_child_path(path, layer_name)} + {_child_path(path, name)}"
+            reason = _fold_refusal(layer, norm, max(len(slots[id(layer)]), len(slots[id(norm)])))
+            if reason is None:
+                _fold(layer, norm)
+                parent._modules[name] = nn.Identity()
+                report.add("folded", where, _describe_fold(layer, norm))
+            else:
+                report.add("skipped", where, f"{type(layer).__name__} + {type(norm).__name__}", reason)
 
 
 def _fold_graph(graph_module: torch.fx.GraphModule, report: PatchReport) -> None:

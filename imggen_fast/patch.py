@@ -33,8 +33,6 @@ import copy
 import dataclasses
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
-
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -254,7 +252,7 @@ def _walk(model: nn.Module, report: PatchReport) -> tuple[dict[int, list[_Slot]]
         containers.append((module, path))
         children = [(name, child) for name, child in module._modules.items() if child is not None]
         for name, child in children:
-            slots[id(child)].append(_Slot(module, name, f"{path}.{name}" if path else name))
+            slots[id(child)].append(_Slot(module, name, _child_path(path, name)))
         stack.extend((child, slots[id(child)][-1].path) for _, child in reversed(children))
     return slots, containers
 
@@ -270,17 +268,22 @@ def _looked_through(module: nn.Module) -> bool:
     return type(module) is nn.Identity and not _has_hooks(module)
 
 
-def _sequential_pairs(parent: nn.Module) -> Iterator[tuple[str | None, str]]:
-    """(name of the module whose output it consumes or None, activation's name) for each
-    activation child of an in-order Sequential."""
-    previous = None
+def _child_path(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _sequential_pairs(parent: nn.Module, consumers: tuple[type[nn.Module], ...]) -> list[tuple[str | None, str]]:
+    """(name of the child whose output it consumes, or None for the first, name) for each
+    child of in-order Sequential ``parent`` whose type is one of ``consumers``."""
+    pairs, previous = [], None
     for name, child in parent._modules.items():
         if child is None:
             continue
-        if type(child) in ACTIVATIONS:
-            yield previous, name
+        if type(child) in consumers:
+            pairs.append((previous, name))
         if not _looked_through(child):
             previous = name
+    return pairs
 
 
 def _set(slot: _Slot, module: nn.Module) -> None:
@@ -297,20 +300,20 @@ def _patch_modules(model: nn.Module, report: PatchReport) -> None:
         in_order = _runs_in_order(parent)
         for name, child in parent._modules.items():
             if type(child) is nn.SyncBatchNorm:
-                report.add("skipped", f"{path}.{name}" if path else name, "SyncBatchNorm", _SYNC_BATCH_NORM_REASON)
+                report.add("skipped", _child_path(path, name), "SyncBatchNorm", _SYNC_BATCH_NORM_REASON)
         if not in_order:
             for name, child in parent._modules.items():
                 if type(child) in ACTIVATIONS:
                     why = (f"its parent {type(parent).__name__} is a Sequential subclass with its own forward"
                            if isinstance(parent, nn.Sequential) else f"its parent {type(parent).__name__} is not an "
                            "nn.Sequential")
-                    report.add("skipped", f"{path}.{name}" if path else name, _name(child),
+                    report.add("skipped", _child_path(path, name), _name(child),
                                f"{why}, so what it consumes is only known to forward's code; "
                                "patch(model, trace=True) follows that code")
             continue
-        for layer_name, activation_name in _sequential_pairs(parent):
+        for layer_name, activation_name in _sequential_pairs(parent, ACTIVATIONS):
             activation = parent._modules[activation_name]
-            activation_slot = _Slot(parent, activation_name, f"{path}.{activation_name}" if path else activation_name)
+            activation_slot = _Slot(parent, activation_name, _child_path(path, activation_name))
             layer = parent._modules[layer_name] if layer_name is not None else None
             if layer is None or type(layer) not in LAYER_PAIRS:
                 if layer is not None and type(layer) is not nn.SyncBatchNorm:
