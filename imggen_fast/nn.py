@@ -157,8 +157,8 @@ class BatchNorm2dLeakyReLU(_BatchNormLeakyReLU, nn.BatchNorm2d):
     it never makes the module overwrite its input, which the caller may still hold (the
     normalization and the activation are one computation here, with no intermediate for
     an in-place activation to save); ``imggen_fast.unpatch`` restores it. Saved for
-    backward today: what ``F.batch_norm`` and ``F.leaky_relu`` save (the input, the batch
-    statistics and the normalized output)."""
+    backward today (the eager reference computes it): the input, the per-channel batch
+    statistics and the activated output, as eager BatchNorm2d -> ReLU(inplace=True) does."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
