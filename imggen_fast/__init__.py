@@ -1,12 +1,14 @@
 """imggen_fast: fused kernels for image-generation models in PyTorch.
 
 Public names: :mod:`imggen_fast.functional`, :mod:`imggen_fast.nn`,
-:mod:`imggen_fast.models`, :func:`patch` / :func:`unpatch`, :func:`set_backend` /
+:mod:`imggen_fast.models`, :func:`patch` / :func:`unpatch` / :func:`patch_report`,
+:func:`fuse_for_inference`, :func:`set_backend` /
 :func:`get_backend`.
 """
 
 from . import functional, models, nn
-from .patch import patch, unpatch
+from .patch import PatchReport, patch, patch_report, unpatch
+from .inference import fuse_for_inference
 from .backends import BackendUnavailable, get_backend, set_backend
 from . import _build
 
@@ -21,4 +23,5 @@ def load_kernels() -> None:
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "functional", "get_backend", "load_kernels", "models", "nn", "patch", "set_backend", "unpatch", "__version__"]
+__all__ = ["BackendUnavailable", "PatchReport", "functional", "fuse_for_inference", "get_backend", "load_kernels",
+           "models", "nn", "patch", "patch_report", "set_backend", "unpatch", "__version__"]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
 import torch
 
 _FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -31,15 +35,32 @@ def check_matches(value: torch.Tensor, name: str, other: torch.Tensor, other_nam
                          f"{tuple(other.shape)}; they must match")
 
 
+def real_number(value: object, name: str, function: str, expected: str = "a number") -> float:
+    """``value`` as a float if it is a real number as torch takes one for a scalar
+    argument: a Python int or float, or a numpy scalar (``np.float32``, ``np.int64``);
+    a bool (Python's or numpy's) is refused, since it is almost always a slip.
+    ``expected`` says what the argument may be, for the error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{function}: {name} must be {expected}, got {type(value).__name__}")
+    return float(value)
+
+
+def check_bool(value: object, name: str, function: str) -> bool:
+    """``value`` as a bool if it is a Python or numpy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{function}: {name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_negative_slope(negative_slope: object, function: str) -> float:
-    """The LeakyReLU slope must be a finite number >= 0: the fused backward reads the
-    gradient mask from the activated output, which is only valid for slope >= 0."""
-    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-        raise TypeError(f"{function}: negative_slope must be a number, got {type(negative_slope).__name__}")
-    if not negative_slope >= 0 or negative_slope == float("inf"):
+    """The LeakyReLU slope, as a float: a finite number >= 0 (numpy scalars accepted), as
+    the fused backward reads the gradient mask from the activated output, which is only
+    valid for slope >= 0."""
+    negative_slope = real_number(negative_slope, "negative_slope", function)
+    if not 0 <= negative_slope < math.inf:
         raise ValueError(f"{function}: negative_slope must be finite and >= 0 (the backward reads the mask from "
                          f"the activated output), got {negative_slope}")
-    return float(negative_slope)
+    return negative_slope
 
 
 def check_choice(value: object, name: str, choices: tuple[str, ...], function: str) -> str:

@@ -3,6 +3,8 @@ before any kernel runs), then call the op, which picks the implementation."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _checks, backends, reference
@@ -166,8 +168,7 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
     if eps is not None:
         _checks.check_floating_tensor(eps, "eps", name)
         _checks.check_matches(eps, "eps", mu, "mu", name)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"{name}: beta must be a number, got {type(beta).__name__}")
+    beta = _checks.real_number(beta, "beta", name)
     if not 0 <= beta < float("inf"):
         raise ValueError(f"{name}: beta must be finite and >= 0 (it weights a divergence), got {beta}")
     _checks.check_choice(reduction, "reduction", _reparameterize_kl.REDUCTIONS, name)
@@ -183,9 +184,7 @@ def _reduction_code(reduction: object, function: str) -> int:
 def _label(value: object, name: str, function: str, expected: str = "a number") -> float:
     """A target given as a Python number (a label such as 1.0, or 0.9 for label smoothing);
     ``expected`` says what the argument may be, for the error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{function}: {name} must be {expected}, got {type(value).__name__}")
-    return float(value)
+    return _checks.real_number(value, name, function, expected)
 
 
 def bce_with_logits(input: torch.Tensor, target: torch.Tensor | float, weight: torch.Tensor | None = None,
@@ -259,3 +258,68 @@ def gan_g_loss(fake_logits: torch.Tensor, real_label: float = 1.0, reduction: st
     _checks.check_floating_tensor(fake_logits, "fake_logits", name)
     return _bce_with_logits.bce_with_logits(fake_logits, None, _label(real_label, "real_label", name), None, None,
                                             _reduction_code(reduction, name))
+
+
+def _check_batch_norm_arguments(input: object, running_mean: object, running_var: object, weight: object,
+                                bias: object, training: object, momentum: object, eps: object,
+                                negative_slope: object, function: str) -> tuple[bool, float, float, float]:
+    """Checks the arguments of a batch norm + activation call (F.batch_norm's rules, each
+    error naming its argument) and returns (training, momentum, eps, negative_slope) as
+    Python scalars."""
+    _checks.check_floating_tensor(input, "input", function)
+    if input.dim() < 2:
+        raise ValueError(f"{function}: input must be (N, C, *) with at least 2 dims, got shape {tuple(input.shape)}")
+    channels = input.shape[1]
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{function}: running_mean and running_var must both be tensors or both be None, got "
+                         f"running_mean={type(running_mean).__name__}, running_var={type(running_var).__name__}")
+    training = _checks.check_bool(training, "training", function)
+    if not training and running_mean is None:
+        raise ValueError(f"{function}: running_mean and running_var are needed when training=False (evaluation "
+                         "normalizes with them)")
+    per_channel = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
+    given = {name: tensor for name, tensor in per_channel.items() if tensor is not None}
+    for name, tensor in given.items():
+        _checks.check_floating_tensor(tensor, name, function)
+        _checks.check_matches(tensor, name, input, "input", function, shape=False, dtype=False)
+        if tensor.shape != (channels,):
+            raise ValueError(f"{function}: {name} must have shape (C,) = ({channels},) for input of shape "
+                             f"{tuple(input.shape)}, got {tuple(tensor.shape)}")
+    # As torch: the per-channel tensors share one dtype, the input's or, for a
+    # bfloat16 / float16 input, float32 (mixed precision).
+    allowed = {input.dtype} | ({torch.float32} if input.dtype in (torch.bfloat16, torch.float16) else set())
+    dtypes = {tensor.dtype for tensor in given.values()}
+    if len(dtypes) > 1 or not dtypes <= allowed:
+        found = ", ".join(f"{name} {tensor.dtype}" for name, tensor in given.items())
+        raise TypeError(f"{function}: running_mean, running_var, weight and bias must share one dtype, input's "
+                        f"({input.dtype}) or float32 for a bfloat16 / float16 input; got {found}")
+    if training and input.numel() // max(channels, 1) == 1:
+        raise ValueError(f"{function}: training needs more than 1 value per channel, got input of shape "
+                         f"{tuple(input.shape)}")
+    momentum = _checks.real_number(momentum, "momentum", function)
+    if not math.isfinite(momentum):
+        raise ValueError(f"{function}: momentum must be finite, got {momentum}")
+    eps = _checks.real_number(eps, "eps", function)
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"{function}: eps must be finite and >= 0, got {eps}")
+    return training, momentum, eps, _checks.check_negative_slope(negative_slope, function)
+
+
+def batch_norm_leaky_relu(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                          weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                          training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                          negative_slope: float = 0.01) -> torch.Tensor:
+    """``leaky_relu(batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+    eps), negative_slope)``: the arguments and defaults of ``torch.nn.functional.batch_norm``
+    plus ``negative_slope`` (>= 0; 0 is ReLU).
+
+    input (N, C, *): (N, C) or (N, C, L) for a BatchNorm1d, (N, C, H, W) for a
+    BatchNorm2d. running_mean, running_var: (C,) or both None (then ``training`` must be
+    True); with ``training=True`` they are updated in place as ``F.batch_norm`` updates
+    them (``momentum`` weights the batch statistics; the running variance is unbiased).
+    weight, bias: (C,) or None. Returns a tensor of input's shape."""
+    name = "batch_norm_leaky_relu"
+    training, momentum, eps, negative_slope = _check_batch_norm_arguments(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope, name)
+    return reference.batch_norm_leaky_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                           negative_slope)

@@ -1,8 +1,15 @@
 """Drop-in modules: subclasses of the torch modules they replace, with the same
 constructor signatures (plus the fused op's own arguments), so ``state_dict``,
-``isinstance``, initialisation and ``repr`` behave like torch's."""
+``isinstance``, initialisation and ``repr`` behave like torch's.
 
-from __future__ import annotations
+``torch.jit.script`` compiles them: the torch part of each ``forward`` (padding, the
+batch norm's running-statistics bookkeeping) is compiled, and the fused call itself
+runs in Python (``torch.jit.ignore``), so a scripted model runs the fused kernels but
+cannot be saved with ``torch.jit.save`` (``imggen_fast.unpatch`` it first). This module
+does not use postponed annotations: TorchScript reads the annotations of the ignored
+methods and cannot resolve them as strings."""
+
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,9 +20,7 @@ from .models import vae as _vae
 
 
 class _FusedLeakyReLU:
-    """Mixin of the fused layers: the ``negative_slope`` attribute and its ``repr``."""
-
-    negative_slope: float
+    """Mixin of the fused modules: the ``negative_slope`` attribute and its ``repr``."""
 
     def _set_negative_slope(self, negative_slope: float) -> None:
         self.negative_slope = _checks.check_negative_slope(negative_slope, type(self).__name__)
@@ -38,11 +43,15 @@ class ConvTranspose2dLeakyReLU(_FusedLeakyReLU, nn.ConvTranspose2d):
                          dilation, padding_mode, device, dtype)
         self._set_negative_slope(negative_slope)
 
-    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, output_size: Optional[List[int]] = None) -> torch.Tensor:
         if self.padding_mode != "zeros":
             raise ValueError("Only 'zeros' padding mode is supported for ConvTranspose2dLeakyReLU")
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
                                               self.dilation)
+        return self._fused(input, output_padding)
+
+    @torch.jit.ignore
+    def _fused(self, input: torch.Tensor, output_padding: List[int]) -> torch.Tensor:
         return functional.conv_transpose2d_leaky_relu(input, self.weight, self.bias, self.stride, self.padding,
                                                       output_padding, self.groups, self.dilation,
                                                       self.negative_slope)
@@ -62,12 +71,15 @@ class Conv2dLeakyReLU(_FusedLeakyReLU, nn.Conv2d):
         self._set_negative_slope(negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        padding = self.padding
         if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        return functional.conv2d_leaky_relu(input, self.weight, self.bias, self.stride, padding, self.dilation,
-                                            self.groups, self.negative_slope)
+            return self._fused(F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), True)
+        return self._fused(input, False)
+
+    @torch.jit.ignore
+    def _fused(self, input: torch.Tensor, padded: bool) -> torch.Tensor:
+        """padded: the input already carries the padding (a non-zeros padding mode)."""
+        return functional.conv2d_leaky_relu(input, self.weight, self.bias, self.stride, 0 if padded else self.padding,
+                                            self.dilation, self.groups, self.negative_slope)
 
 
 class LinearLeakyReLU(_FusedLeakyReLU, nn.Linear):
@@ -82,7 +94,88 @@ class LinearLeakyReLU(_FusedLeakyReLU, nn.Linear):
         self._set_negative_slope(negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._fused(input)
+
+    @torch.jit.ignore
+    def _fused(self, input: torch.Tensor) -> torch.Tensor:
         return functional.linear_leaky_relu(input, self.weight, self.bias, self.negative_slope)
+
+
+class _BatchNormLeakyReLU(_FusedLeakyReLU):
+    """Mixin of the fused batch norms: torch's ``_BatchNorm.forward`` (the same running
+    statistics bookkeeping, line for line) with ``F.batch_norm`` replaced by
+    :func:`imggen_fast.functional.batch_norm_leaky_relu`."""
+
+    def _set_activation(self, negative_slope: float, inplace: bool) -> None:
+        self._set_negative_slope(negative_slope)
+        self.inplace = _checks.check_bool(inplace, "inplace", type(self).__name__)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        # Set to the momentum even when it is unused, as torch does (for ONNX export).
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:  # cumulative moving average
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        # Batch statistics in training, and in eval when there are no running statistics.
+        if self.training:
+            batch_statistics = True
+        else:
+            batch_statistics = (self.running_mean is None) and (self.running_var is None)
+        # The running statistics are passed only where they are used: updated (training
+        # and tracked) or normalizing (eval).
+        track = not self.training or self.track_running_stats
+        return self._fused(input, self.running_mean if track else None, self.running_var if track else None,
+                           batch_statistics, exponential_average_factor)
+
+    @torch.jit.ignore
+    def _fused(self, input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+               batch_statistics: bool, momentum: float) -> torch.Tensor:
+        return functional.batch_norm_leaky_relu(input, running_mean, running_var, self.weight, self.bias,
+                                                batch_statistics, momentum, self.eps, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", inplace=True" if self.inplace else "")
+
+
+class BatchNorm2dLeakyReLU(_BatchNormLeakyReLU, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` followed by ``nn.LeakyReLU(negative_slope)`` (0: ``nn.ReLU``), fused.
+
+    The same constructor, parameters, buffers (running statistics, ``num_batches_tracked``),
+    ``state_dict`` and training / eval behaviour as ``nn.BatchNorm2d`` (``momentum=None``,
+    ``track_running_stats=False`` and eval without running statistics included), plus the
+    keywords ``negative_slope`` (>= 0) and ``inplace``. Input (N, C, H, W).
+
+    ``inplace`` is the flag of the activation the module stands for (``ReLU(inplace=True)``):
+    it never makes the module overwrite its input, which the caller may still hold (the
+    normalization and the activation are one computation here, with no intermediate for
+    an in-place activation to save); ``imggen_fast.unpatch`` restores it. Saved for
+    backward today (the eager reference computes it): the input, the per-channel batch
+    statistics and the activated output, as eager BatchNorm2d -> ReLU(inplace=True) does."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 negative_slope: float = 0.01, inplace: bool = False) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._set_activation(negative_slope, inplace)
+
+
+class BatchNorm1dLeakyReLU(_BatchNormLeakyReLU, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` followed by ``nn.LeakyReLU(negative_slope)`` (0: ``nn.ReLU``), fused:
+    as :class:`BatchNorm2dLeakyReLU` for input (N, C) or (N, C, L)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 negative_slope: float = 0.01, inplace: bool = False) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self._set_activation(negative_slope, inplace)
 
 
 class Reparameterize(_vae.Reparameterize):
@@ -96,19 +189,28 @@ class Reparameterize(_vae.Reparameterize):
     bad arguments are reported by the first call, naming the argument."""
 
     def forward(self, mu: torch.Tensor, logvar: torch.Tensor,
-                eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                eps: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """eps: the noise (N, *) to use, or None to make it in the kernel."""
-        z, kl = functional.reparameterize_kl(mu, logvar, eps, beta=self.beta, reduction=self.reduction)
+        z, kl = self._fused(mu, logvar, eps)
         if not (self.training or self.sample_in_eval):
             z = mu
         return z, kl
+
+    @torch.jit.ignore
+    def _fused(self, mu: torch.Tensor, logvar: torch.Tensor,
+               eps: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return functional.reparameterize_kl(mu, logvar, eps, beta=self.beta, reduction=self.reduction)
 
 
 class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
     """``torch.nn.BCEWithLogitsLoss`` (same arguments, buffers and state_dict) computed by
     :func:`imggen_fast.functional.bce_with_logits`: input (*), target (*) or a number."""
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: Union[torch.Tensor, float]) -> torch.Tensor:
+        return self._fused(input, target)
+
+    @torch.jit.ignore
+    def _fused(self, input: torch.Tensor, target: Union[torch.Tensor, float]) -> torch.Tensor:
         return functional.bce_with_logits(input, target, self.weight, reduction=self.reduction,
                                           pos_weight=self.pos_weight)
 

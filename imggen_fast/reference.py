@@ -135,3 +135,19 @@ def gan_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, real_label:
 def gan_g_loss(fake_logits: torch.Tensor, real_label: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """The non-saturating generator loss ``bce(fake_logits, real_label)``. fake_logits (*)."""
     return bce_with_logits(fake_logits, real_label, reduction=reduction)
+
+
+def batch_norm_leaky_relu(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                          weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                          training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                          negative_slope: float = 0.01) -> torch.Tensor:
+    """``leaky_relu(F.batch_norm(input, running_mean, running_var, weight, bias, training,
+    momentum, eps), negative_slope)``, updating the running statistics in place as
+    ``F.batch_norm`` does. input (N, C, *); running_mean, running_var, weight, bias (C,)
+    or None."""
+    normalized = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    # In place on batch_norm's fresh output, as the eager pair BatchNorm -> ReLU(inplace=True)
+    # runs: autograd then keeps one tensor (the activated output, which batch_norm's backward
+    # does not need) instead of two. The in-place backward reads the mask from the output,
+    # valid for slope >= 0 only.
+    return F.leaky_relu(normalized, negative_slope, inplace=negative_slope >= 0)

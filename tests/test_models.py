@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from imggen_fast import data
-from imggen_fast.models import CNN, VAE, Discriminator, Generator, Reparameterize
+from imggen_fast.models import CNN, VAE, ClassicVAE, Discriminator, Generator, Reparameterize
 
 IMAGE_SIZES = [8, 16, 32, 64]
 
@@ -47,6 +47,67 @@ def test_discriminator_architectures():
     assert [m.out_features for m in mlp.layers if isinstance(m, nn.Linear)] == [1024, 512, 256, 128, 64, 1]
     conv = Discriminator("conv", image_size=64)
     assert [m.out_channels for m in conv.layers if isinstance(m, nn.Conv2d)] == [64, 128, 256, 512, 1]
+
+
+@pytest.mark.parametrize("image_size", IMAGE_SIZES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_dcgan_shapes(image_size, channels):
+    generator = Generator(image_size=image_size, channels=channels, noise_dim=7, kind="dcgan", width=4)
+    images = generator(generator.sample_noise(2))
+    assert images.shape == (2, channels, image_size, image_size) and images.abs().max() <= 1.0
+    discriminator = Discriminator("dcgan", image_size=image_size, channels=channels, width=4)
+    assert discriminator(images).shape == (2, 1)
+    # One stride-2 block per doubling: the number of blocks follows the size.
+    transposed = [m for m in generator.modules() if isinstance(m, nn.ConvTranspose2d)]
+    convolutions = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d)]
+    assert len(transposed) == len(convolutions) == (image_size // 4).bit_length()
+
+
+def test_dcgan_is_the_paper_architecture_at_64():
+    """Radford et al. / PyTorch's DCGAN example: ngf = ndf = 64, nz = 100, no biases,
+    BatchNorm after every layer but G's last and D's first and last."""
+    generator, discriminator = Generator(kind="dcgan"), Discriminator("dcgan")
+    layers = list(generator.upsample)
+    assert isinstance(layers[0], nn.Unflatten) and len(generator.dense) == 0
+    transposed = [m for m in layers if isinstance(m, nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels, m.stride, m.padding) for m in transposed] == [
+        (100, 512, (1, 1), (0, 0)), (512, 256, (2, 2), (1, 1)), (256, 128, (2, 2), (1, 1)), (128, 64, (2, 2), (1, 1)),
+        (64, 3, (2, 2), (1, 1))]
+    assert all(m.kernel_size == (4, 4) and m.bias is None for m in transposed)
+    assert [type(m) for m in layers[1:]] == [nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU] * 4 + [nn.ConvTranspose2d,
+                                                                                                 nn.Tanh]
+    assert all(m.inplace for m in layers if isinstance(m, nn.ReLU))
+    convolutions = [m for m in discriminator.layers if isinstance(m, nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels) for m in convolutions] == [(3, 64), (64, 128), (128, 256), (256, 512),
+                                                                      (512, 1)]
+    assert all(m.kernel_size == (4, 4) and m.bias is None for m in convolutions)
+    assert [type(m) for m in discriminator.layers] == [nn.Conv2d, nn.LeakyReLU] + [
+        nn.Conv2d, nn.BatchNorm2d, nn.LeakyReLU] * 3 + [nn.Conv2d, nn.Flatten]
+    assert all(m.negative_slope == 0.2 and m.inplace for m in discriminator.layers if isinstance(m, nn.LeakyReLU))
+    # The parameter counts PyTorch's DCGAN example prints for these settings.
+    assert sum(p.numel() for p in generator.parameters()) == 3_576_704
+    assert sum(p.numel() for p in discriminator.parameters()) == 2_765_568
+
+
+def test_dcgan_initialisation():
+    torch.manual_seed(0)
+    generator = Generator(kind="dcgan", width=16)
+    weights = torch.cat([m.weight.flatten() for m in generator.modules() if isinstance(m, nn.ConvTranspose2d)])
+    assert abs(weights.mean()) < 1e-3 and abs(weights.std() - 0.02) < 1e-3
+    norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    scales = torch.cat([m.weight.detach() for m in norms])
+    assert abs(scales.mean() - 1) < 5e-3 and 0.01 < scales.std() < 0.03
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+
+
+def test_classic_vae_shapes_and_loss():
+    vae = ClassicVAE()
+    images = torch.rand(3, 1, 28, 28)
+    reconstruction, mu, logvar = vae(images)
+    assert reconstruction.shape == (3, 784) and mu.shape == logvar.shape == (3, 20)
+    assert 0 < reconstruction.min() and reconstruction.max() < 1
+    loss = vae.loss(reconstruction, images, mu, logvar)
+    assert loss.dim() == 0 and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("image_size", IMAGE_SIZES)
@@ -97,7 +158,13 @@ BAD_ARGUMENTS = [
     (lambda: Generator(image_size=48), "image_size must be a power of two >= 8"),
     (lambda: Generator(image_size=4), "image_size must be a power of two >= 8"),
     (lambda: Generator(channels=0), "channels must be a positive integer"),
-    (lambda: Discriminator(kind="patch"), "kind must be 'mlp' or 'conv'"),
+    (lambda: Discriminator(kind="patch"), "kind must be one of 'mlp', 'conv', 'dcgan'"),
+    (lambda: Generator(kind="conv"), "kind must be one of 'seed', 'dcgan'"),
+    (lambda: Generator(width=32), "width applies to kind='dcgan' only"),
+    (lambda: Discriminator("conv", width=32), "width applies to kind='dcgan' only"),
+    (lambda: Discriminator("dcgan", width=0), "width must be a positive integer"),
+    (lambda: Generator(image_size=12, kind="dcgan"), "image_size must be a power of two >= 8"),
+    (lambda: ClassicVAE(latent_dim=0), "latent_dim must be a positive integer"),
     (lambda: VAE(latent_dim=0), "latent_dim must be a positive integer"),
     (lambda: VAE(reconstruction="laplace"), "reconstruction must be 'gaussian' or 'bernoulli'"),
     (lambda: CNN(image_size=30), "image_size must be divisible by 4"),
@@ -128,9 +195,11 @@ def take_step(model, loss_fn):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_one_gan_step_on_digits(digit_batch):
+@pytest.mark.parametrize("kinds", [("seed", "conv"), ("dcgan", "dcgan")])
+def test_one_gan_step_on_digits(digit_batch, kinds):
     images, _ = digit_batch
-    generator, discriminator = Generator(image_size=16, channels=1), Discriminator("conv", image_size=16, channels=1)
+    generator = Generator(image_size=16, channels=1, kind=kinds[0])
+    discriminator = Discriminator(kinds[1], image_size=16, channels=1)
     bce = nn.functional.binary_cross_entropy_with_logits
     fake = generator(generator.sample_noise(images.shape[0]))
 

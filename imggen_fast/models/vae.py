@@ -1,9 +1,11 @@
 """A convolutional VAE: Conv2d+LeakyReLU encoder to (mu, logvar), the
-reparameterization, and a Linear + ConvTranspose2d+LeakyReLU decoder."""
+reparameterization, and a Linear + ConvTranspose2d+LeakyReLU decoder; and the classic
+MNIST VAE of PyTorch's examples, with its activations written in ``forward``."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import reference
@@ -113,3 +115,47 @@ class VAE(nn.Module):
         z = torch.randn(batch_size, self.latent_dim, device=device, generator=generator)
         decoded = self.decode(z)
         return decoded if self.reconstruction == "gaussian" else torch.sigmoid(decoded) * 2 - 1
+
+
+class ClassicVAE(nn.Module):
+    """The classic MNIST VAE of PyTorch's examples (``examples/vae``), written as it is
+    there: activations called in ``forward`` code, not modules in a Sequential.
+
+    Images (N, 1, 28, 28) or (N, 784) in [0, 1] -> (reconstruction (N, 784) in (0, 1),
+    mu, logvar (N, latent_dim)). Linear(784, 400) + ReLU → Linear heads to mu and logvar
+    (20); ``reparameterize`` draws ``torch.randn_like``; Linear(20, 400) + ReLU →
+    Linear(400, 784) → sigmoid. ``imggen_fast.patch(model)`` finds nothing to fuse here
+    (no Sequential); ``imggen_fast.patch(model, trace=True)`` fuses both Linear + ReLU."""
+
+    def __init__(self, input_dim: int = 784, hidden_dim: int = 400, latent_dim: int = 20) -> None:
+        super().__init__()
+        self.input_dim = check_positive(input_dim, "input_dim", "ClassicVAE")
+        self.fc1 = nn.Linear(input_dim, check_positive(hidden_dim, "hidden_dim", "ClassicVAE"))
+        self.fc21 = nn.Linear(hidden_dim, check_positive(latent_dim, "latent_dim", "ClassicVAE"))
+        self.fc22 = nn.Linear(hidden_dim, latent_dim)
+        self.fc3 = nn.Linear(latent_dim, hidden_dim)
+        self.fc4 = nn.Linear(hidden_dim, input_dim)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn_like(std)
+        return mu + eps * std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h3 = F.relu(self.fc3(z))
+        return torch.sigmoid(self.fc4(h3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x.view(-1, self.input_dim))
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar
+
+    @staticmethod
+    def loss(reconstruction: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """The example's loss: BCE summed over pixels + KL divergence, summed over the batch."""
+        bce = F.binary_cross_entropy(reconstruction, x.reshape(reconstruction.shape), reduction="sum")
+        return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
