@@ -67,13 +67,15 @@ constexpr const char* kConvolutionTransposePointwiseSchema =
     "int[] output_padding, int[] stride, int[] dilation, int groups, str attr, Scalar?[] scalars, "
     "str? algorithm) -> Tensor Y";
 
-// The oneDNN op `name`, if this torch has it with the expected schema and the user has
-// not turned the fusion off (IMGGEN_FAST_ONEDNN_FUSION=0).
-std::optional<c10::OperatorHandle> onednn_op(const char* name, const char* expected_schema) {
+// False when the user turned oneDNN's fusion off (IMGGEN_FAST_ONEDNN_FUSION=0); read on
+// every call, so a change of the variable takes effect at once.
+bool onednn_fusion_wanted() {
   const char* setting = std::getenv("IMGGEN_FAST_ONEDNN_FUSION");
-  if (setting != nullptr && std::string(setting) == "0") {
-    return std::nullopt;
-  }
+  return setting == nullptr || std::string(setting) != "0";
+}
+
+// The oneDNN op `name`, if this torch has it with the expected schema.
+std::optional<c10::OperatorHandle> onednn_op(const char* name, const char* expected_schema) {
   auto handle = c10::Dispatcher::singleton().findOp(c10::OperatorName(name, ""));
   if (!handle.has_value() || c10::toString(handle->schema()) != expected_schema) {
     return std::nullopt;
@@ -85,7 +87,7 @@ std::optional<c10::OperatorHandle> onednn_op(const char* name, const char* expec
 // bf16 path needs AVX-512 or AVX-NE-CONVERT, and raises without them; ATen's
 // convolution picks a bf16 path that works on any CPU, so bf16 goes there.)
 bool onednn_fusion_applies(const at::Tensor& input, const at::Tensor& weight) {
-  return input.device().is_cpu() && input.dim() == 4 && weight.dim() == 4 && input.scalar_type() == at::kFloat &&
+  return onednn_fusion_wanted() && input.device().is_cpu() && input.dim() == 4 && weight.dim() == 4 && input.scalar_type() == at::kFloat &&
          weight.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn() && at::hasMKLDNN();
 }
 

@@ -188,17 +188,19 @@ class Reparameterize(_vae.Reparameterize):
     ``imggen_fast.models.vae.Reparameterize`` with the same constructor and attributes;
     bad arguments are reported by the first call, naming the argument."""
 
+    # The base class's forward, repeated with annotations TorchScript reads (the base module
+    # uses postponed annotations, which it cannot), so that a patched model scripts.
     def forward(self, mu: torch.Tensor, logvar: torch.Tensor,
                 eps: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """eps: the noise (N, *) to use, or None to make it in the kernel."""
-        z, kl = self._fused(mu, logvar, eps)
         if not (self.training or self.sample_in_eval):
-            z = mu
-        return z, kl
+            return mu, self._kl(mu, logvar)
+        return self._sample(mu, logvar, eps)
 
     @torch.jit.ignore
-    def _fused(self, mu: torch.Tensor, logvar: torch.Tensor,
-               eps: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, mu: torch.Tensor, logvar: torch.Tensor,
+                eps: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(z, kl) from the fused kernel: eps, or noise made in the kernel."""
         return functional.reparameterize_kl(mu, logvar, eps, beta=self.beta, reduction=self.reduction)
 
 

@@ -403,6 +403,23 @@ def test_onednn_fusion_and_the_aten_fallback_agree():
         torch.testing.assert_close(fused, fallback, rtol=1e-5, atol=1e-5)
 
 
+def test_onednn_fusion_setting_is_read_on_every_call(monkeypatch):
+    x, w, b = torch.randn(2, 8, 5, 5), torch.randn(4, 8, 3, 3), torch.randn(4)
+
+    def aten_ops_run():
+        with torch.autograd.profiler.profile() as profile:
+            functional.conv2d_leaky_relu(x, w, b, 1, 1, negative_slope=0.2)
+        return {event.name for event in profile.function_events}
+
+    monkeypatch.delenv("IMGGEN_FAST_ONEDNN_FUSION", raising=False)
+    fused = aten_ops_run()
+    monkeypatch.setenv("IMGGEN_FAST_ONEDNN_FUSION", "0")
+    unfused = aten_ops_run()
+    if torch.backends.mkldnn.is_available():
+        assert "mkldnn::_convolution_pointwise" in fused
+    assert "mkldnn::_convolution_pointwise" not in unfused and "imggen_fast::bias_leaky_relu_" in unfused
+
+
 def test_weights_updated_in_place_are_used():
     """The fused forward must not cache a reordered copy of the weight: training updates it."""
     layer = fused_nn.ConvTranspose2dLeakyReLU(8, 4, 4, 2, 1, negative_slope=0.2)

@@ -541,6 +541,19 @@ def test_module_samples_in_training_and_not_in_eval():
     assert not torch.equal(z_sampled, mu)
 
 
+@pytest.mark.parametrize("module_type", [fused_nn.Reparameterize, models.vae.Reparameterize])
+def test_module_in_eval_draws_no_noise(module_type):
+    """In eval mode without sample_in_eval, z is mu and no noise is drawn (the generator's
+    state does not move); the KL term is the same."""
+    mu, logvar, _, _ = make_inputs((6, 5), torch.float32)
+    module = module_type(beta=0.5, reduction="sum").eval()
+    state = torch.random.get_rng_state()
+    z, kl = module(mu, logvar)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert z is mu
+    assert_close(kl, reference.reparameterize_kl(mu, logvar, torch.zeros_like(mu), beta=0.5, reduction="sum")[1])
+
+
 def test_module_in_the_vae_trains():
     vae = models.VAE(image_size=8, channels=1, latent_dim=4)
     vae.reparameterize = fused_nn.Reparameterize()

@@ -33,10 +33,24 @@ class Reparameterize(nn.Module):
     def forward(self, mu: torch.Tensor, logvar: torch.Tensor,
                 eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """eps: the noise (N, *) to use, or None to draw it."""
-        z, kl = reference.reparameterize_kl(mu, logvar, eps, beta=self.beta, reduction=self.reduction)
         if not (self.training or self.sample_in_eval):
-            z = mu
-        return z, kl
+            # No sample is taken: no noise is drawn, only the KL term is computed.
+            return mu, self._kl(mu, logvar)
+        return self._sample(mu, logvar, eps)
+
+    # Unannotated: TorchScript (which scripts the fused subclass) cannot read this module's
+    # postponed annotations, and takes unannotated arguments and results as tensors.
+    @torch.jit.ignore
+    def _kl(self, mu, logvar):
+        """The beta-weighted KL term alone, reduced: mu, logvar (N, *) -> () or (N,)."""
+        elements = mu[0].numel() if mu.shape[0] else 0
+        return self.beta * reference.reduce_kl(reference.kl_per_sample(mu, logvar), self.reduction, elements)
+
+    @torch.jit.ignore
+    def _sample(self, mu: torch.Tensor, logvar: torch.Tensor,
+                eps: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z, kl) with noise: eps, or drawn with torch.randn."""
+        return reference.reparameterize_kl(mu, logvar, eps, beta=self.beta, reduction=self.reduction)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, reduction={self.reduction!r}, sample_in_eval={self.sample_in_eval}"
