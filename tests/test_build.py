@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import REPOSITORY, run_cli, run_python
 
-from imggen_fast import _build
+from imggen_fast import _build, cli
 
 
 def test_build_succeeds_and_registers_the_ops():
@@ -151,7 +151,7 @@ def test_broken_compiler_warns_once_and_uses_the_reference(tmp_path):
 HOLD_LOCK_SCRIPT = """
 import sys, time
 from pathlib import Path
-from imggen_fast import _build
+from imggen_fast import _build, cli
 with _build.FileLock(Path(sys.argv[1]), timeout=0):
     print("held", flush=True)
     time.sleep(300)
@@ -227,24 +227,25 @@ def test_held_lock_says_what_is_waited_for_waits_boundedly_and_is_released_when_
 
 @pytest.fixture(scope="module")
 def built_cache(tmp_path_factory):
-    """A temporary cache built by ``imggen-fast build --rebuild`` in a fresh process, over the
-    remains of a killed build (a garbage lock file, torch's baton, a stray file)."""
+    """A temporary cache built by ``imggen-fast build`` in a fresh process, over the remains of
+    a killed build (a garbage lock file, torch's baton, no library). The objects are copied
+    from the default cache (built by then), so that the build is a real one that only links."""
+    status = _build.load()
+    assert status.available, status.error
     root = tmp_path_factory.mktemp("kernel-cache")
-    environment = {"IMGGEN_FAST_CACHE": str(root)}
-    directory = Path(run_python("from imggen_fast import _build; print(_build.cache_dir())",
-                                env=environment).stdout.strip())
-    directory.mkdir(parents=True)
+    directory = root / status.cache_dir.name
+    shutil.copytree(status.cache_dir, directory)  # modification times kept: ninja sees the objects up to date
+    _build.record_path(directory).unlink()
+    _build.library_path(directory).unlink()
     _build.lock_path(directory).write_text("\x00garbage")
     (directory / "lock").write_text("")
-    (directory / "stray.o").write_text("left by a killed build")
-    result = run_cli("build", "--rebuild", env=environment)
+    result = run_cli("build", env={"IMGGEN_FAST_CACHE": str(root)})
     assert result.returncode == 0, result.stdout + result.stderr
     return root, directory, result
 
 
 def copy_of(built_cache, tmp_path: Path) -> tuple[dict[str, str], Path]:
-    """A copy of the built cache (modification times kept, so ninja sees the objects up to
-    date), and the environment pointing at it."""
+    """A copy of the built cache, and the environment pointing at it."""
     root, directory, _ = built_cache
     shutil.copytree(root, tmp_path / "cache")
     return {"IMGGEN_FAST_CACHE": str(tmp_path / "cache")}, tmp_path / "cache" / directory.name
@@ -256,18 +257,29 @@ def test_a_real_build_says_so_once_and_how_long_it_took(built_cache):
     assert str(directory) in result.stderr and "1 to 3 minutes" in result.stderr
     assert result.stderr.count("imggen_fast: built the C++ kernels in ") == 1, result.stderr
     assert "C++ kernels built in" in result.stdout
-    # The remains of the killed build did not get in the way and are gone; the lock file stays.
-    assert not (directory / "stray.o").exists() and not (directory / "lock").exists()
-    assert _build.lock_path(directory).exists()
+    # The remains of the killed build did not get in the way; the lock file stays.
+    assert not (directory / "lock").exists() and _build.lock_path(directory).exists()
     record = json.loads(_build.record_path(directory).read_text())
     assert record["library"]["size"] == _build.library_path(directory).stat().st_size
     assert _build.cached_library_problem(directory) is None
 
 
+def test_rebuild_clears_everything_but_the_lock(built_cache, tmp_path, monkeypatch):
+    """``imggen-fast build --rebuild`` asks for a build from scratch, which first removes all
+    a build left (a full compile is not repeated here: the fixture's build ran the same code)."""
+    _, directory = copy_of(built_cache, tmp_path)
+    _build._clear(directory, everything=True)
+    assert [path.name for path in directory.iterdir()] == [_build.lock_path(directory).name]
+    requests = []
+    monkeypatch.setattr(_build, "load", lambda **arguments: requests.append(arguments) or _build.status())
+    assert cli.main(["build", "--rebuild"]) == 0
+    assert requests == [{"verbose": False, "rebuild": True}]
+
+
 IMPORT_SCRIPT = """
 import json, torch
 import imggen_fast
-from imggen_fast import _build
+from imggen_fast import _build, cli
 loaded_at_import = hasattr(torch.ops.imggen_fast, "bias_leaky_relu_")
 if loaded_at_import:
     output = torch.randn(2, 3)
