@@ -469,13 +469,13 @@ def _clear(directory: Path, everything: bool) -> None:
                 path.unlink()
 
 
-def _build(directory: Path, with_cuda: bool, verbose: bool) -> float:
+def _compile_and_record(directory: Path, with_cuda: bool, verbose: bool) -> float:
     """Compiles into ``directory`` (the caller holds its lock), records the library's size
     and hash, and returns the seconds it took. Says on stderr, once, that it builds."""
     identity = _check_toolchain()
-    print(f"imggen_fast: building the C++ kernels{' and CUDA kernels' if with_cuda else ''} for these "
-          f"sources into {directory}; this happens once per version and usually takes 1 to 3 minutes"
-          f"{' (more for the CUDA sources)' if with_cuda else ''}...", file=sys.stderr, flush=True)
+    print(f"imggen_fast: building the C++ kernels for these sources into {directory} (once per version of "
+          f"the sources; usually 1 to 3 minutes{', more with the CUDA sources' if with_cuda else ''})...",
+          file=sys.stderr, flush=True)
     started = time.perf_counter()
     _compile(directory, with_cuda, verbose, identity)
     seconds = time.perf_counter() - started
@@ -522,7 +522,7 @@ def _build_and_load(verbose: bool, rebuild: bool) -> BuildStatus:
             print(f"imggen_fast: {problem}: building it again.", file=sys.stderr, flush=True)
         try:
             _clear(directory, everything=rebuild)
-            seconds = _build(directory, with_cuda, verbose)
+            seconds = _compile_and_record(directory, with_cuda, verbose)
         except OSError as error:  # the compiler's and the loader's own are classified in _compile
             raise _failure_for_cache(directory, error) from error
     finally:
@@ -644,7 +644,8 @@ def load_cached() -> BuildStatus:
 
 
 def status() -> BuildStatus | None:
-    """The outcome of :func:`load` in this process, or None if nothing was loaded yet."""
+    """The outcome of :func:`load` (or of :func:`load_cached` finding a verified build) in this
+    process, or None if neither has settled it yet."""
     return _status
 
 
