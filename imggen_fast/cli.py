@@ -33,8 +33,9 @@ def _indented(text: str, prefix: str = "    ") -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-def _print_build_failure(status, file=sys.stdout) -> None:
-    """The whole reason a build failed, and the fix for that case."""
+def _print_build_failure(status, file=None) -> None:
+    """Prints the whole reason a build failed, and the fix for that case, to ``file``
+    (default: standard output)."""
     print(_indented(status.error), file=file)
     print(f"  To fix: {status.fix}", file=file)
 
