@@ -29,6 +29,17 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _indented(text: str, prefix: str = "    ") -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def _print_build_failure(status, file=None) -> None:
+    """Prints the whole reason a build failed, and the fix for that case, to ``file``
+    (default: standard output)."""
+    print(_indented(status.error), file=file)
+    print(f"  To fix: {status.fix}", file=file)
+
+
 def doctor(arguments: argparse.Namespace) -> int:
     """Prints versions, which backends are usable and why not, and what ``auto`` picks."""
     import torch
@@ -36,6 +47,11 @@ def doctor(arguments: argparse.Namespace) -> int:
     import imggen_fast
     from imggen_fast import _build, backends
 
+    try:
+        requested = backends.get_backend()
+    except ValueError as error:  # a bad IMGGEN_FAST_BACKEND: one line, not a report that stops half-way
+        print(f"imggen-fast doctor: {error}", file=sys.stderr)
+        return 2
     print(f"imggen_fast {imggen_fast.__version__}  python {platform.python_version()}  {platform.machine()}")
     cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s)" if torch.version.cuda else "CPU build"
     print(f"torch {torch.__version__} ({cuda}), {torch.get_num_threads()} threads, "
@@ -53,18 +69,26 @@ def doctor(arguments: argparse.Namespace) -> int:
     print(f"kernel cache: {_build.cache_root()}")
     print()
     with warnings.catch_warnings():
-        # The build warning would repeat what the table below says.
+        # The build warning would repeat what is printed below.
         warnings.simplefilter("ignore", _build.BuildWarning)
         status = _build.load()
-    state = "usable" if status.available else "FAILED"
-    print(f"C++ kernels: {state} ({status.cache_dir}{', built now' if status.built_now else ''})")
-    print(f"backend asked for: {backends.get_backend()} (set IMGGEN_FAST_BACKEND or imggen_fast.set_backend)")
+    if status.available:
+        print(f"C++ kernels: usable ({status.cache_dir}{', built now' if status.built_now else ''})")
+    else:
+        print(f"C++ kernels: FAILED (cache {status.cache_dir})")
+        _print_build_failure(status)
+    print(f"backend asked for: {requested} (set IMGGEN_FAST_BACKEND or imggen_fast.set_backend)")
     print()
     for backend in backends.BACKENDS[1:]:
         print(f"{backend}:")
         for device_type in ("cpu", "cuda"):
             reason = backends.why_not(backend, device_type)
-            verdict = "usable" if reason is None else f"no: {reason}"
+            if reason is None:
+                verdict = "usable"
+            else:
+                if status.error and status.error in reason:  # printed in full above, with the fix
+                    reason = reason.replace(status.error, "see 'C++ kernels' above").replace(":\n", ": ")
+                verdict = "no: " + reason.replace("\n", "\n" + " " * 20)
             print(f"  {device_type.upper() + ' tensors:':<15} {verdict}")
     print()
     _print_auto_choices()
@@ -94,9 +118,10 @@ def build(arguments: argparse.Namespace) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", _build.BuildWarning)
-        status = _build.load(verbose=arguments.verbose)
+        status = _build.load(verbose=arguments.verbose, rebuild=arguments.rebuild)
     if not status.available:
-        print(f"build failed (cache {status.cache_dir}):\n{status.error}", file=sys.stderr)
+        print(f"build failed (cache {status.cache_dir}):", file=sys.stderr)
+        _print_build_failure(status, file=sys.stderr)
         return 1
     how = f"built in {status.seconds:.1f} s" if status.built_now else "already built, loaded from the cache"
     print(f"C++ kernels {how}: {_build.library_path(status.cache_dir)}")
@@ -104,11 +129,20 @@ def build(arguments: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    import torch
+
+    import imggen_fast
+
     parser = argparse.ArgumentParser(prog="imggen-fast", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"imggen-fast {imggen_fast.__version__} (torch {torch.__version__}, "
+                                f"python {platform.python_version()})")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="versions, usable backends and why not").set_defaults(run=doctor)
     build_parser = commands.add_parser("build", help="compile the C++ kernels ahead of time")
     build_parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    build_parser.add_argument("--rebuild", action="store_true",
+                              help="compile from scratch, even if a verified build is cached")
     build_parser.set_defaults(run=build)
     return parser
 

@@ -36,13 +36,15 @@ def channels_last(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous(memory_format=torch.channels_last)
 
 
-def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Runs ``code`` in a fresh interpreter with the given extra environment."""
+def run_python(code: str, env: dict[str, str] | None = None, timeout: float = 600,
+               arguments: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter with the given extra environment (a None value
+    removes a variable) and command-line arguments."""
     full_env = {**os.environ, **(env or {})}
     for name, value in list(full_env.items()):
         if value is None:
             del full_env[name]
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+    return subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=REPOSITORY)
 
 
@@ -58,3 +60,8 @@ requires_cuda = pytest.mark.skipif(
     reason="needs a CUDA GPU; on this machine the Triton kernels are checked in the interpreter instead")
 
 
+def run_cli(*arguments: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Runs ``imggen-fast <arguments>`` (the console script's ``main``) in a fresh interpreter
+    with the given extra environment."""
+    return run_python("import sys; from imggen_fast.cli import main; sys.exit(main(sys.argv[1:]))", env=env,
+                      timeout=timeout, arguments=arguments)
