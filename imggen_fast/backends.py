@@ -66,7 +66,7 @@ class _ThreadState(threading.local):
 
     def __init__(self) -> None:
         self.requested: str | None = None  # None: the process default
-        self.resolved: dict[tuple[str, str], str] = {}
+        self.resolved: dict[tuple[str, str], tuple[str, str | None]] = {}
         self.triton_told: bool = False
 
 
@@ -197,20 +197,19 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, FallbackWarning, stacklevel=4)
 
 
-def _resolve(requested: str, device_type: str) -> str:
+def _resolve(requested: str, device_type: str) -> tuple[str, str | None]:
+    """(backend, why the reference serves where ``auto`` found no kernel, else None)."""
     if requested == "auto":
         chosen, why = auto_choice(device_type)
-        if chosen == "reference":
-            warn_once(f"device:{device_type}", f"imggen_fast: {why}; using the reference implementation")
-        elif chosen == "triton":
+        if chosen == "triton":
             _register_triton_launchers()
-        return chosen
+        return chosen, (why if chosen == "reference" else None)
     reason = why_not(requested, device_type)
     if reason is not None:
         raise BackendUnavailable(f"imggen_fast backend {requested!r} cannot serve this call: {reason}")
     if requested == "triton":
         _register_triton_launchers()
-    return requested
+    return requested, None
 
 
 @torch.compiler.assume_constant_result
@@ -222,10 +221,13 @@ def choose(device_type: str) -> str:
     Under ``torch.compile`` it runs once, when the code is compiled."""
     requested = get_backend()
     key = (requested, device_type)
-    backend = _thread.resolved.get(key)
-    if backend is None:
-        backend = _thread.resolved[key] = _resolve(requested, device_type)
-    if backend != "reference":
+    resolved = _thread.resolved.get(key)
+    if resolved is None:
+        resolved = _thread.resolved[key] = _resolve(requested, device_type)
+    backend, fallback_reason = resolved
+    if fallback_reason is not None:
+        warn_once(f"device:{device_type}", f"imggen_fast: {fallback_reason}; using the reference implementation")
+    elif backend != "reference":
         _tell_cpp(requested)
     return backend
 

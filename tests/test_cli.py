@@ -37,7 +37,7 @@ def test_doctor_with_an_unknown_backend_says_so_in_one_line():
     assert result.returncode == 2
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert "IMGGEN_FAST_BACKEND" in line and "'bogus'" in line and "auto, cpp, triton, cuda, reference" in line
+    assert "IMGGEN_FAST_BACKEND" in line and "'bogus'" in line and "auto, cpp, cuda, triton, reference" in line
 
 
 def test_build_says_where_the_kernels_are_cached():
