@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (ELEMENTWISE_CONFIGS, AotKernel, autotune, channel_layout, dense, flat_grid,
-                            in_layout_of)
+from ._triton_utils import (ELEMENTWISE_CONFIGS, autotune, channel_layout, dense, flat_grid,
+                            in_layout_of, product_int64)
 
 
 @triton.jit
@@ -81,26 +81,46 @@ def bias_leaky_relu_(output: torch.Tensor, bias: torch.Tensor | None, negative_s
             HAS_BIAS=bias is not None)
 
 
-# One program per (block of a channel's elements, channel). The block size is fixed,
+# One program per (channel, block of that channel's elements). The block size is fixed,
 # not autotuned: it decides how the bias gradient is split into partial sums, and so
 # its bits, which must not depend on a timing.
 REDUCTION_BLOCK = 1024
+# A CUDA grid's x extent; its y and z extents are 65,535 only, which a Linear with more
+# outputs than that would pass if the channels were a grid axis of their own.
+MAX_GRID_X = 2**31 - 1
+
+
+def bias_gradient_grid(outer: int, channels: int, inner: int) -> tuple[int, int]:
+    """(programs, blocks per channel) of the mask + bias-gradient sweep: one program per
+    (channel, block), channels folded into the grid's x axis, so any number of channels
+    launches. Raises ValueError when the programs exceed the x extent."""
+    blocks = triton.cdiv(outer * inner, REDUCTION_BLOCK)
+    programs = blocks * channels
+    if programs > MAX_GRID_X:
+        raise ValueError(f"bias_leaky_relu_backward: {channels} channels of {outer * inner} elements need {programs} "
+                         f"programs, more than a CUDA grid holds ({MAX_GRID_X})")
+    return programs, blocks
 
 
 @triton.jit
 def bias_leaky_relu_backward_kernel(grad_output_ptr, output_ptr, grad_input_ptr, partial_ptr, outer, channels,
-                                    inner, negative_slope, BLOCK: tl.constexpr):
-    block = tl.program_id(0)
-    channel = tl.program_id(1).to(tl.int64)
-    # Index j over the channel's outer * inner elements: (o, i) = divmod(j, inner).
-    j = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = j < outer * inner
+                                    inner, blocks, negative_slope, BLOCK: tl.constexpr):
+    # Program p: channel p // blocks, block p % blocks; its partial sum goes to partial[p],
+    # which is partial[channel, block] of a (channels, blocks) array.
+    program = tl.program_id(0).to(tl.int64)
+    channel = program // blocks
+    block = program % blocks
+    # Index j over the channel's outer * inner elements: (o, i) = divmod(j, inner). The
+    # bound in 64 bits: outer and inner arrive as i32 when each is below 2**31, and their
+    # product need not be.
+    j = block * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = j < product_int64(outer, inner)
     offsets = (j // inner) * channels * inner + channel * inner + j % inner
     grad = to_accumulator(tl.load(grad_output_ptr + offsets, mask=in_bounds, other=0))
     output = to_accumulator(tl.load(output_ptr + offsets, mask=in_bounds, other=0))
     grad_input = tl.where(output > 0, grad, grad * negative_slope)
     tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=in_bounds)
-    tl.store(partial_ptr + channel * tl.num_programs(0) + block, tl.sum(grad_input, axis=0))
+    tl.store(partial_ptr + program, tl.sum(grad_input, axis=0))
 
 
 @triton.jit
@@ -144,13 +164,14 @@ def _mask_and_bias_gradient(grad_output: torch.Tensor, output: torch.Tensor, gra
     and returns the bias gradient (C,)."""
     outer, channels, inner = channel_layout(output, channel_dim)
     accumulator = torch.float64 if output.dtype == torch.float64 else torch.float32
-    blocks = triton.cdiv(outer * inner, REDUCTION_BLOCK)
-    partials = torch.empty((channels, blocks), dtype=accumulator, device=output.device)
     grad_bias = torch.empty(channels, dtype=output.dtype, device=output.device)
     if output.numel() == 0:
         return grad_bias.zero_()
-    bias_leaky_relu_backward_kernel[(blocks, channels)](
-        grad_output, output, grad_input, partials, outer, channels, inner, negative_slope, BLOCK=REDUCTION_BLOCK)
+    programs, blocks = bias_gradient_grid(outer, channels, inner)
+    partials = torch.empty((channels, blocks), dtype=accumulator, device=output.device)
+    bias_leaky_relu_backward_kernel[(programs,)](
+        grad_output, output, grad_input, partials, outer, channels, inner, blocks, negative_slope,
+        BLOCK=REDUCTION_BLOCK)
     channel_sum_kernel[(channels,)](partials, grad_bias, blocks, BLOCK=CHANNEL_SUM_BLOCK)
     return grad_bias
 
@@ -162,26 +183,3 @@ LAUNCHERS = {
     "bias_leaky_relu_backward": bias_leaky_relu_backward,
     "bias_leaky_relu_backward_": bias_leaky_relu_backward_,
 }
-
-
-AOT_KERNELS = [
-    AotKernel(
-        leaky_relu_backward_from_output_kernel,
-        {"grad_output_ptr": "*{dtype}", "output_ptr": "*{dtype}", "grad_input_ptr": "*{dtype}",
-         "numel": "i64", "negative_slope": "fp32"},
-    ),
-    AotKernel(
-        bias_leaky_relu_kernel,
-        {"output_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "numel": "i64", "channels": "i64", "inner": "i64",
-         "negative_slope": "fp32"},
-        {"HAS_BIAS": True},
-    ),
-    AotKernel(
-        bias_leaky_relu_backward_kernel,
-        {"grad_output_ptr": "*{dtype}", "output_ptr": "*{dtype}", "grad_input_ptr": "*{dtype}",
-         "partial_ptr": "*fp32", "outer": "i64", "channels": "i64", "inner": "i64", "negative_slope": "fp32"},
-        {"BLOCK": REDUCTION_BLOCK},
-    ),
-    AotKernel(channel_sum_kernel, {"partial_ptr": "*fp32", "result_ptr": "*{dtype}", "blocks": "i64"},
-              {"BLOCK": CHANNEL_SUM_BLOCK}),
-]
