@@ -1,4 +1,4 @@
-"""The ``imggen-fast`` command: ``doctor`` and ``build``."""
+"""The ``imggen-fast`` command: ``doctor``, ``build`` and ``check-gpu``."""
 
 from __future__ import annotations
 
@@ -110,6 +110,11 @@ def make_parser() -> argparse.ArgumentParser:
     build_parser = commands.add_parser("build", help="compile the C++ kernels ahead of time")
     build_parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     build_parser.set_defaults(run=build)
+    from . import check_gpu
+
+    check_parser = commands.add_parser("check-gpu", help="on a GPU: the cuda tests and the GPU timings, in one go")
+    check_gpu.add_arguments(check_parser)
+    check_parser.set_defaults(run=check_gpu.main)
     return parser
 
 
