@@ -68,7 +68,25 @@ def doctor(arguments: argparse.Namespace) -> int:
             print(f"  {device_type.upper() + ' tensors:':<15} {verdict}")
     print()
     _print_auto_choices()
+    print()
+    _print_gpu_defaults()
     return 0 if status.available else 1
+
+
+def _print_gpu_defaults() -> None:
+    """What runs on CUDA tensors by default, the TF32 settings it inherits, and what the
+    Triton backend adds; printed whether or not this machine has a GPU."""
+    import torch
+
+    print("On CUDA tensors, auto runs the layers in cuDNN / cuBLAS through ATen (as eager and torch.compile do), then "
+          "the fused bias + LeakyReLU epilogue in place; backward: the fused mask + bias-gradient kernel, then "
+          "cuDNN's / cuBLAS's backward. The elementwise ops run the CUDA C++ kernels (no Python per launch: "
+          "these models' layers are launch-bound), or the Triton launchers where this build has no CUDA kernels.")
+    print(f"TF32 as torch's settings say: torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32} "
+          f"(convolutions), torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32} (Linear).")
+    print("The Triton implicit-GEMM convolution (IEEE fp32 dot products) runs only when the triton backend is named; "
+          "its speed on a GPU is unmeasured. `imggen-fast check-gpu` runs the GPU tests and timings where a GPU "
+          "exists.")
 
 
 def _print_auto_choices() -> None:

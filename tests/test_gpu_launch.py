@@ -102,21 +102,28 @@ def test_every_registered_launcher_is_wrapped_by_the_device_guard(monkeypatch):
 def test_bias_gradient_grid_folds_channels_into_x():
     from imggen_fast.kernels import leaky_relu
 
-    # A Linear with 70,000 outputs and a bias: more channels than a grid's y extent.
-    programs, blocks = leaky_relu.bias_gradient_grid(outer=64, channels=70_000, inner=1)
-    assert (programs, blocks) == (70_000, 1)
-    programs, blocks = leaky_relu.bias_gradient_grid(outer=8, channels=3, inner=1000)
-    assert blocks == triton.cdiv(8000, leaky_relu.REDUCTION_BLOCK) and programs == 3 * blocks
+    # A Linear with 70,000 outputs and a bias: more channels than a grid's y extent, in
+    # tiles of TILE_CHANNELS; and an NCHW tensor of 70,000 channels, one program per
+    # (channel, block).
+    programs, chunks = leaky_relu.bias_gradient_grid(outer=64, channels=70_000, inner=1)
+    assert chunks == 1 and programs == triton.cdiv(70_000, leaky_relu.TILE_CHANNELS)
+    programs, chunks = leaky_relu.bias_gradient_grid(outer=300, channels=70_000, inner=1)
+    assert chunks == triton.cdiv(300, leaky_relu.TILE_ROWS) and programs == chunks * triton.cdiv(70_000, 32)
+    programs, chunks = leaky_relu.bias_gradient_grid(outer=2, channels=70_000, inner=9)
+    assert (programs, chunks) == (70_000, 1)
+    programs, chunks = leaky_relu.bias_gradient_grid(outer=8, channels=3, inner=1000)
+    assert chunks == triton.cdiv(8000, leaky_relu.REDUCTION_BLOCK) and programs == 3 * chunks
     with pytest.raises(ValueError, match="more than a CUDA grid holds"):
         leaky_relu.bias_gradient_grid(outer=2**31, channels=2**12, inner=1)
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("shape,channel_dim,channels_last", [((2, 3, 40, 40), 1, False), ((2, 3, 40, 40), 1, True),
-                                                           ((1500, 5), -1, False)])
+@pytest.mark.parametrize("shape,channel_dim,channels_last", [((2, 3, 40, 40), 1, False), ((2, 35, 10, 10), 1, True),
+                                                           ((150, 70), -1, False)])
 def test_folded_bias_gradient_grid_in_the_interpreter(shape, channel_dim, channels_last):
-    """Several channels of several blocks each (inner > 1, channels_last and Linear's inner = 1),
-    one program per (channel, block) on the x axis, against the reference."""
+    """Several programs per channel on the grid's x axis, against the reference: blocks of an
+    NCHW channel (inner > 1); tiles of rows by channels where inner = 1 (channels_last,
+    Linear), with partial tiles on both axes."""
     from imggen_fast import reference
     from imggen_fast.kernels import leaky_relu
 
