@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -115,6 +116,20 @@ def describe_signature(signature: dict, constexprs: dict, function) -> dict:
                           if isinstance(value, (int, float, bool, str)) or value is None}}
 
 
+# The variants to compile, built before the worker processes fork (they inherit it).
+_TASKS: list[tuple] = []
+
+
+def compile_task(index: int) -> dict:
+    """Compiles variant ``index`` of ``_TASKS``; its row with the resources or the error."""
+    row, function, signature, constexprs, attrs, target, options = _TASKS[index]
+    try:
+        compiled = triton.compile(ASTSource(function, signature, constexprs, attrs), target=target, options=options)
+        return {**row, **resource_usage(compiled.asm["cubin"])}
+    except Exception as error:  # noqa: BLE001 - reported per variant, the test fails on it
+        return {**row, "error": f"{type(error).__name__}: {error}"}
+
+
 def main(launches_path: str, compile: bool = True) -> None:
     seen = set()
     with open(launches_path) as handle:
@@ -134,16 +149,15 @@ def main(launches_path: str, compile: bool = True) -> None:
                 row = {"module": launch["module"], "kernel": launch["kernel"], "variant": variant,
                        "dtype": first_tensor.get("tensor"), "target": f"sm_{capability}",
                        "num_warps": options.num_warps, **describe_signature(signature, constexprs, function)}
-                if not compile:
-                    print(json.dumps(row), flush=True)
-                    continue
-                try:
-                    compiled = triton.compile(ASTSource(function, signature, constexprs, attrs), target=target,
-                                              options=options.__dict__)
-                    row.update(resource_usage(compiled.asm["cubin"]))
-                except Exception as error:  # noqa: BLE001 - reported per variant, the test fails on it
-                    row["error"] = f"{type(error).__name__}: {error}"
-                print(json.dumps(row), flush=True)
+                _TASKS.append((row, function, signature, constexprs, attrs, target, options.__dict__))
+    if not compile:
+        for row, *_ in _TASKS:
+            print(json.dumps(row), flush=True)
+        return
+    # One compile per core: each is a single-threaded LLVM and ptxas run.
+    with multiprocessing.get_context("fork").Pool(max(1, len(os.sched_getaffinity(0)))) as pool:
+        for row in pool.imap(compile_task, range(len(_TASKS))):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
