@@ -72,9 +72,10 @@ def random(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
 # ----------------------------------------------------------------------------- epilogue
 
 # (shape, channel dim, channels_last): NCHW with inner > 1 and more than one reduction chunk
-# per channel; channels_last (inner = 1) with many channels; Linear's (batch, features).
-EPILOGUE_CASES = [((4, 16, 48, 48), 1, False), ((2, 300, 5, 7), 1, True), ((3, 5, 7, 9), 1, True),
-                  ((33, 1000), -1, False), ((1, 3, 1, 1), 1, False)]
+# per channel; channels_last (inner = 1) with many channels, and with many rows (several
+# row chunks of the 2-D tile reduction, a partial channel tile); Linear's (batch, features).
+EPILOGUE_CASES = [((4, 16, 48, 48), 1, False), ((2, 300, 5, 7), 1, True), ((4, 40, 24, 24), 1, True),
+                  ((3, 5, 7, 9), 1, True), ((33, 1000), -1, False), ((1, 3, 1, 1), 1, False)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -77,6 +77,10 @@ def test_signatures_are_the_ones_triton_derives_at_launch(tmp_path):
     widened = rows_of(rows, "bias_leaky_relu_backward_kernel", "widened")
     assert widened and all("channels" in row["i64"] and not row["i32"] for row in widened)
     assert {row["dtype"] for row in bias} == {"float32", "bfloat16", "float16"}
+    # The 2-D tile reduction (inner = 1): one tile (counts of 1, constants) and several.
+    tiles = rows_of(rows, "bias_gradient_rows_kernel")
+    assert any(row["constants"].get("tiles") == 1 for row in tiles)
+    assert any({"tiles", "chunks"} <= set(row["i32"]) for row in tiles)
 
 
 @pytest.mark.slow

@@ -40,12 +40,12 @@ def _randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 def leaky_relu_calls(launchers):
     for dtype in DTYPES:
         # (tensor, channel dim): contiguous with inner > 1 (numel 120, not a multiple of 16,
-        # and 128, one), channels_last and Linear (inner = 1), one sample (outer = 1), and
-        # more than one reduction block per channel.
+        # and 128, one), channels_last and Linear (inner = 1; one tile, and several tiles
+        # on both axes), one sample (outer = 1), and more than one reduction block per channel.
         for output, channel_dim in ((_randn(2, 3, 4, 5, dtype=dtype), 1), (_randn(2, 4, 4, 4, dtype=dtype), 1),
                                     (_channels_last(_randn(2, 3, 4, 5, dtype=dtype)), 1),
-                                    (_randn(4, 8, dtype=dtype), -1), (_randn(1, 3, 4, 5, dtype=dtype), 1),
-                                    (_randn(2, 2, 40, 40, dtype=dtype), 1)):
+                                    (_randn(4, 8, dtype=dtype), -1), (_randn(100, 70, dtype=dtype), -1),
+                                    (_randn(1, 3, 4, 5, dtype=dtype), 1), (_randn(2, 2, 40, 40, dtype=dtype), 1)):
             grad = torch.randn_like(output)
             bias = _randn(output.shape[channel_dim], dtype=dtype)
             launchers["leaky_relu_backward_from_output"](grad, output, SLOPE)
