@@ -1,4 +1,4 @@
-"""The ``imggen-fast`` command: ``doctor`` and ``build``."""
+"""The ``imggen-fast`` command: ``doctor``, ``build`` and ``check-gpu``."""
 
 from __future__ import annotations
 
@@ -92,7 +92,25 @@ def doctor(arguments: argparse.Namespace) -> int:
             print(f"  {device_type.upper() + ' tensors:':<15} {verdict}")
     print()
     _print_auto_choices()
+    print()
+    _print_gpu_defaults()
     return 0 if status.available else 1
+
+
+def _print_gpu_defaults() -> None:
+    """What runs on CUDA tensors by default, the TF32 settings it inherits, and what the
+    Triton backend adds; printed whether or not this machine has a GPU."""
+    import torch
+
+    print("On CUDA tensors, auto runs the layers in cuDNN / cuBLAS through ATen (as eager and torch.compile do), then "
+          "the fused bias + LeakyReLU epilogue in place; backward: the fused mask + bias-gradient kernel, then "
+          "cuDNN's / cuBLAS's backward. The elementwise ops run the CUDA C++ kernels (no Python per launch: "
+          "these models' layers are launch-bound), or the Triton launchers where this build has no CUDA kernels.")
+    print(f"TF32 as torch's settings say: torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32} "
+          f"(convolutions), torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32} (Linear).")
+    print("The Triton implicit-GEMM convolution (IEEE fp32 dot products) runs only when the triton backend is named; "
+          "its speed on a GPU is unmeasured. `imggen-fast check-gpu` runs the GPU tests and timings where a GPU "
+          "exists.")
 
 
 def _print_auto_choices() -> None:
@@ -144,6 +162,11 @@ def make_parser() -> argparse.ArgumentParser:
     build_parser.add_argument("--rebuild", action="store_true",
                               help="compile from scratch, even if a verified build is cached")
     build_parser.set_defaults(run=build)
+    from . import check_gpu
+
+    check_parser = commands.add_parser("check-gpu", help="on a GPU: the cuda tests and the GPU timings, in one go")
+    check_gpu.add_arguments(check_parser)
+    check_parser.set_defaults(run=check_gpu.main)
     return parser
 
 

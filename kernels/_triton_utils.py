@@ -1,15 +1,15 @@
 """Helpers shared by the Triton kernel modules: autotuning that also works in
-Triton's interpreter, the ahead-of-time compile specs, and dense-layout handling
-(the Python twin of ``csrc/layout.h``)."""
+Triton's interpreter, 64-bit size products, and dense-layout handling (the Python twin
+of ``csrc/layout.h``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 
 def interpreting() -> bool:
@@ -31,35 +31,12 @@ def autotune(configs: list[triton.Config], key: list[str], **kwargs):
     return triton.autotune(configs=configs, key=key, do_bench=_benchmark, **kwargs)
 
 
-@dataclasses.dataclass(frozen=True)
-class AotKernel:
-    """A kernel as the code launches it, for the ahead-of-time compile test.
-
-    ``signature`` maps each non-constexpr argument to a Triton type; ``{dtype}`` in a
-    type is replaced by each entry of ``dtypes`` in turn. ``constexprs`` holds the
-    constexpr arguments that are not block sizes from the autotune configs."""
-
-    kernel: object  # a triton.JITFunction or triton.runtime.Autotuner
-    signature: dict[str, str]
-    constexprs: dict[str, object] = dataclasses.field(default_factory=dict)
-    dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16")
-
-    @property
-    def name(self) -> str:
-        function = getattr(self.kernel, "fn", self.kernel)
-        return getattr(function, "__name__", repr(function))
-
-    def variants(self):
-        """Yields ``(dtype, signature, constexprs, options)`` for every launchable configuration."""
-        configs = getattr(self.kernel, "configs", None) or [triton.Config({})]
-        for dtype in self.dtypes:
-            signature = {name: kind.format(dtype=dtype) for name, kind in self.signature.items()}
-            for config in configs:
-                constexprs = {**self.constexprs, **config.kwargs}
-                for name in constexprs:
-                    signature[name] = "constexpr"
-                options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-                yield dtype, signature, constexprs, options
+@triton.jit
+def product_int64(first, second):
+    """``first * second`` in 64 bits. Triton types an integer argument below 2**31 as i32
+    (and one equal to 1 as a constant, which has no ``.to``), so the product of two sizes
+    would wrap past 2**31 without the cast."""
+    return tl.cast(first, tl.int64) * second
 
 
 def is_dense(tensor: torch.Tensor) -> bool:

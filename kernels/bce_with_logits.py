@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import ELEMENTWISE_CONFIGS, AotKernel, autotune, dense, flat_grid, in_layout_of
+from ._triton_utils import ELEMENTWISE_CONFIGS, autotune, dense, flat_grid, in_layout_of
 
 # Elements per program of the loss sweep. One configuration, not tuned: the blocks are
 # the partial sums, so the sum's order (and bits) must not depend on a tuning choice.
@@ -268,30 +268,3 @@ def bce_with_logits_backward(grad_output: torch.Tensor, unit_grads: list[torch.T
 # The launchers, by the name of the op they implement (imggen_fast/ops/_registration.py).
 LAUNCHERS = {"bce_with_logits_forward": bce_with_logits_forward, "gan_d_loss_forward": gan_d_loss_forward,
              "bce_with_logits_backward": bce_with_logits_backward}
-
-_SWEEP_FLAGS = {"TARGET_TENSOR": True, "WEIGHTED": True, "REDUCE": True, "WRITE_GRAD": True}
-_SWEEP_SIGNATURE = {
-    "input_ptr": "*{dtype}", "target_ptr": "*{dtype}", "target_value": "fp32", "weight_ptr": "*{dtype}",
-    "weight_period": "i64", "pos_weight_ptr": "*{dtype}", "pos_weight_period": "i64", "loss_ptr": "*{dtype}",
-    "grad_ptr": "*{dtype}", "grad_scale": "fp32", "partials_ptr": "*fp32", "numel": "i64"}
-_GAN_SIGNATURE = {
-    "real_ptr": "*{dtype}", "fake_ptr": "*{dtype}", "real_label": "fp32", "fake_label": "fp32",
-    "real_loss_ptr": "*{dtype}", "fake_loss_ptr": "*{dtype}", "real_grad_ptr": "*{dtype}",
-    "fake_grad_ptr": "*{dtype}", "real_scale": "fp32", "fake_scale": "fp32", "partials_ptr": "*fp32",
-    "real_numel": "i64", "fake_numel": "i64", "real_blocks": "i64"}
-
-AOT_KERNELS = [
-    # The heaviest sweep (every operand, reduced, gradient written) and the lightest
-    # elementwise one.
-    AotKernel(bce_with_logits_kernel, _SWEEP_SIGNATURE, _SWEEP_FLAGS),
-    AotKernel(bce_with_logits_kernel, _SWEEP_SIGNATURE,
-              {**_SWEEP_FLAGS, "TARGET_TENSOR": False, "WEIGHTED": False, "REDUCE": False}),
-    AotKernel(gan_d_loss_kernel, _GAN_SIGNATURE, {"REDUCE": True, "WRITE_GRAD": True}),
-    AotKernel(sum_partials_kernel,
-              {"partials_ptr": "*fp32", "loss_ptr": "*{dtype}", "first_count": "i64", "first_scale": "fp32",
-               "second_count": "i64", "second_scale": "fp32"}),
-    AotKernel(bce_with_logits_backward_kernel,
-              {"grad_output_ptr": "*{dtype}", "unit_grad_ptr": "*{dtype}", "grad_input_ptr": "*{dtype}",
-               "numel": "i64"},
-              {"ELEMENTWISE": True}),
-]

@@ -4,8 +4,9 @@
   the mask read from the activated output (valid for slope >= 0), one sweep.
 * ``bias_leaky_relu_``: ``output = leaky_relu(output + bias)`` in place.
 * ``bias_leaky_relu_backward``: the same mask, and the bias gradient summed from the
-  same sweep: per (channel, block) partial sums, then each channel's partials in a
-  fixed order (deterministic, no atomics).
+  same sweep: partial sums per channel and block (a 2-D tile of rows by channels where
+  the channels are innermost), then each channel's partials in a fixed order
+  (deterministic, no atomics).
 
 Tensors are seen as (outer, channels, inner) around the channel dim (contiguous or
 channels_last), element (o, c, i) at o * channels * inner + c * inner + i."""
@@ -16,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (ELEMENTWISE_CONFIGS, AotKernel, autotune, channel_layout, dense, flat_grid,
-                            in_layout_of)
+from ._triton_utils import (ELEMENTWISE_CONFIGS, autotune, channel_layout, dense, flat_grid,
+                            in_layout_of, product_int64)
 
 
 @triton.jit
@@ -81,26 +82,76 @@ def bias_leaky_relu_(output: torch.Tensor, bias: torch.Tensor | None, negative_s
             HAS_BIAS=bias is not None)
 
 
-# One program per (block of a channel's elements, channel). The block size is fixed,
-# not autotuned: it decides how the bias gradient is split into partial sums, and so
-# its bits, which must not depend on a timing.
+# The bias-gradient reduction: each program sums the masked gradient of a fixed set of
+# elements into one partial sum per channel, then channel_sum_kernel adds each channel's
+# partial sums in order. The sizes are fixed, not autotuned: they decide how the sum is
+# split, and so its bits, which must not depend on a timing. Programs are numbered along
+# the grid's x axis only: its y extent (65,535) would cap the channels, which a Linear
+# with more outputs than that passes.
+#
+# inner > 1 (contiguous NCHW): one program per (channel, block of REDUCTION_BLOCK of the
+# channel's elements). inner == 1 (channels_last, Linear): the tensor is a (rows, channels)
+# matrix; one program per tile of TILE_ROWS rows by TILE_CHANNELS channels, whose loads
+# are whole row segments, not one element per channel-stride.
 REDUCTION_BLOCK = 1024
+TILE_ROWS = 64
+TILE_CHANNELS = 32
+MAX_GRID_X = 2**31 - 1
+
+
+def bias_gradient_grid(outer: int, channels: int, inner: int) -> tuple[int, int]:
+    """(programs, partial sums per channel) of the mask + bias-gradient sweep (see above).
+    Raises ValueError when the programs exceed a CUDA grid's x extent."""
+    if inner == 1:
+        chunks = triton.cdiv(outer, TILE_ROWS)
+        programs = chunks * triton.cdiv(channels, TILE_CHANNELS)
+    else:
+        chunks = triton.cdiv(outer * inner, REDUCTION_BLOCK)
+        programs = chunks * channels
+    if programs > MAX_GRID_X:
+        raise ValueError(f"bias_leaky_relu_backward: {channels} channels of {outer * inner} elements need {programs} "
+                         f"programs, more than a CUDA grid holds ({MAX_GRID_X})")
+    return programs, chunks
 
 
 @triton.jit
 def bias_leaky_relu_backward_kernel(grad_output_ptr, output_ptr, grad_input_ptr, partial_ptr, outer, channels,
-                                    inner, negative_slope, BLOCK: tl.constexpr):
-    block = tl.program_id(0)
-    channel = tl.program_id(1).to(tl.int64)
-    # Index j over the channel's outer * inner elements: (o, i) = divmod(j, inner).
-    j = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    in_bounds = j < outer * inner
+                                    inner, blocks, negative_slope, BLOCK: tl.constexpr):
+    """inner > 1. Program p: channel p // blocks, block p % blocks; its partial sum goes to
+    partial[p], which is partial[channel, block] of a (channels, blocks) array."""
+    program = tl.program_id(0).to(tl.int64)
+    channel = program // blocks
+    block = program % blocks
+    # Index j over the channel's outer * inner elements: (o, i) = divmod(j, inner). The
+    # bound in 64 bits: outer and inner arrive as i32 when each is below 2**31, and their
+    # product need not be.
+    j = block * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = j < product_int64(outer, inner)
     offsets = (j // inner) * channels * inner + channel * inner + j % inner
     grad = to_accumulator(tl.load(grad_output_ptr + offsets, mask=in_bounds, other=0))
     output = to_accumulator(tl.load(output_ptr + offsets, mask=in_bounds, other=0))
     grad_input = tl.where(output > 0, grad, grad * negative_slope)
     tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=in_bounds)
-    tl.store(partial_ptr + channel * tl.num_programs(0) + block, tl.sum(grad_input, axis=0))
+    tl.store(partial_ptr + program, tl.sum(grad_input, axis=0))
+
+
+@triton.jit
+def bias_gradient_rows_kernel(grad_output_ptr, output_ptr, grad_input_ptr, partial_ptr, rows, channels, tiles,
+                              chunks, negative_slope, TILE_ROWS: tl.constexpr, TILE_CHANNELS: tl.constexpr):
+    """inner == 1. Program p: channel tile p % tiles, row chunk p // tiles; each channel's
+    sum over the chunk's rows goes to partial[channel, chunk] of a (channels, chunks) array."""
+    program = tl.program_id(0)
+    chunk = program // tiles
+    row = chunk.to(tl.int64) * TILE_ROWS + tl.arange(0, TILE_ROWS)
+    channel = (program % tiles) * TILE_CHANNELS + tl.arange(0, TILE_CHANNELS)
+    channel_valid = channel < channels
+    in_bounds = (row < rows)[:, None] & channel_valid[None, :]
+    offsets = row[:, None] * channels + channel[None, :]
+    grad = to_accumulator(tl.load(grad_output_ptr + offsets, mask=in_bounds, other=0))
+    output = to_accumulator(tl.load(output_ptr + offsets, mask=in_bounds, other=0))
+    grad_input = tl.where(output > 0, grad, grad * negative_slope)
+    tl.store(grad_input_ptr + offsets, grad_input.to(grad_input_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(partial_ptr + channel.to(tl.int64) * chunks + chunk, tl.sum(grad_input, axis=0), mask=channel_valid)
 
 
 @triton.jit
@@ -144,14 +195,20 @@ def _mask_and_bias_gradient(grad_output: torch.Tensor, output: torch.Tensor, gra
     and returns the bias gradient (C,)."""
     outer, channels, inner = channel_layout(output, channel_dim)
     accumulator = torch.float64 if output.dtype == torch.float64 else torch.float32
-    blocks = triton.cdiv(outer * inner, REDUCTION_BLOCK)
-    partials = torch.empty((channels, blocks), dtype=accumulator, device=output.device)
     grad_bias = torch.empty(channels, dtype=output.dtype, device=output.device)
     if output.numel() == 0:
         return grad_bias.zero_()
-    bias_leaky_relu_backward_kernel[(blocks, channels)](
-        grad_output, output, grad_input, partials, outer, channels, inner, negative_slope, BLOCK=REDUCTION_BLOCK)
-    channel_sum_kernel[(channels,)](partials, grad_bias, blocks, BLOCK=CHANNEL_SUM_BLOCK)
+    programs, chunks = bias_gradient_grid(outer, channels, inner)
+    partials = torch.empty((channels, chunks), dtype=accumulator, device=output.device)
+    if inner == 1:
+        bias_gradient_rows_kernel[(programs,)](
+            grad_output, output, grad_input, partials, outer, channels, triton.cdiv(channels, TILE_CHANNELS), chunks,
+            negative_slope, TILE_ROWS=TILE_ROWS, TILE_CHANNELS=TILE_CHANNELS)
+    else:
+        bias_leaky_relu_backward_kernel[(programs,)](
+            grad_output, output, grad_input, partials, outer, channels, inner, chunks, negative_slope,
+            BLOCK=REDUCTION_BLOCK)
+    channel_sum_kernel[(channels,)](partials, grad_bias, chunks, BLOCK=CHANNEL_SUM_BLOCK)
     return grad_bias
 
 
@@ -162,26 +219,3 @@ LAUNCHERS = {
     "bias_leaky_relu_backward": bias_leaky_relu_backward,
     "bias_leaky_relu_backward_": bias_leaky_relu_backward_,
 }
-
-
-AOT_KERNELS = [
-    AotKernel(
-        leaky_relu_backward_from_output_kernel,
-        {"grad_output_ptr": "*{dtype}", "output_ptr": "*{dtype}", "grad_input_ptr": "*{dtype}",
-         "numel": "i64", "negative_slope": "fp32"},
-    ),
-    AotKernel(
-        bias_leaky_relu_kernel,
-        {"output_ptr": "*{dtype}", "bias_ptr": "*{dtype}", "numel": "i64", "channels": "i64", "inner": "i64",
-         "negative_slope": "fp32"},
-        {"HAS_BIAS": True},
-    ),
-    AotKernel(
-        bias_leaky_relu_backward_kernel,
-        {"grad_output_ptr": "*{dtype}", "output_ptr": "*{dtype}", "grad_input_ptr": "*{dtype}",
-         "partial_ptr": "*fp32", "outer": "i64", "channels": "i64", "inner": "i64", "negative_slope": "fp32"},
-        {"BLOCK": REDUCTION_BLOCK},
-    ),
-    AotKernel(channel_sum_kernel, {"partial_ptr": "*fp32", "result_ptr": "*{dtype}", "blocks": "i64"},
-              {"BLOCK": CHANNEL_SUM_BLOCK}),
-]

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import AotKernel, autotune, dense
+from ._triton_utils import autotune, dense
 
 # Elements per tile and warps per program: one configuration (no tuning), so that the
 # KL's partial sums, and with them its bits, depend on the shape only. The kernels go
@@ -242,20 +242,3 @@ def reparameterize_kl_backward(grad_z: torch.Tensor | None, grad_kl: torch.Tenso
 # The launchers, by the name of the op they implement (imggen_fast/ops/_registration.py).
 LAUNCHERS = {"reparameterize_kl_forward": reparameterize_kl_forward,
              "reparameterize_kl_backward": reparameterize_kl_backward}
-
-_FORWARD_SIGNATURE = {"mu_ptr": "*{dtype}", "logvar_ptr": "*{dtype}", "eps_ptr": "*{dtype}", "seed_ptr": "*i64",
-                      "z_ptr": "*{dtype}", "partial_ptr": "*fp32", "per_sample": "i64", "chunks_per_sample": "i64"}
-_BACKWARD_SIGNATURE = {"grad_z_ptr": "*{dtype}", "kl_grad_ptr": "*fp32", "mu_ptr": "*{dtype}",
-                       "logvar_ptr": "*{dtype}", "eps_ptr": "*{dtype}", "seed_ptr": "*i64", "grad_mu_ptr": "*{dtype}",
-                       "grad_logvar_ptr": "*{dtype}", "per_sample": "i64", "chunks_per_sample": "i64",
-                       "kl_grad_stride": "i64"}
-
-AOT_KERNELS = [
-    *(AotKernel(reparameterize_kl_forward_kernel, _FORWARD_SIGNATURE,
-                {"HAS_EPS": has_eps})
-      for has_eps in (True, False)),
-    *(AotKernel(reparameterize_kl_backward_kernel, _BACKWARD_SIGNATURE,
-                {"HAS_GRAD_Z": has_grad_z, "HAS_EPS": has_eps})
-      for has_grad_z, has_eps in ((True, True), (True, False), (False, True))),
-    AotKernel(kl_finish_kernel, {"partial_ptr": "*fp32", "sums_ptr": "*fp32", "count": "i64"}, dtypes=("fp32",)),
-]

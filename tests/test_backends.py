@@ -20,6 +20,7 @@ def test_auto_picks_cpp_for_cpu_tensors():
         assert backends.auto_choice("cpu")[0] == "cpp"
 
 
+@pytest.mark.interpreter
 def test_set_backend_is_a_setter_and_a_context_manager():
     before = imggen_fast.get_backend()
     with imggen_fast.set_backend("reference"):
@@ -36,6 +37,7 @@ def test_set_backend_is_a_setter_and_a_context_manager():
         imggen_fast.set_backend(before)
 
 
+@pytest.mark.interpreter
 def test_the_choice_is_per_thread_and_overlapping_contexts_restore_it():
     """Two threads in overlapping set_backend contexts see only their own choice, the C++
     kernels of each thread too, and the setting is as before once both exit."""
@@ -63,6 +65,7 @@ def test_the_choice_is_per_thread_and_overlapping_contexts_restore_it():
     assert imggen_fast.get_backend() == before and not torch.ops.imggen_fast._triton_chosen()
 
 
+@pytest.mark.interpreter
 def test_one_op_serves_every_backend_and_backward_keeps_the_forward_choice():
     """torch.ops.imggen_fast.<op> runs the C++ kernel, or the Triton launcher when Triton is
     chosen; a backward run after leaving the Triton context still runs Triton's kernels."""
@@ -84,6 +87,7 @@ def test_one_op_serves_every_backend_and_backward_keeps_the_forward_choice():
     assert not any("_triton_" in name for name in forward_ops), forward_ops
 
 
+@pytest.mark.interpreter
 def test_every_backend_gives_the_same_result():
     grad_output, output = torch.randn(17, 5), torch.randn(17, 5)
     results = {}

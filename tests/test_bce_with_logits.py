@@ -477,6 +477,7 @@ def test_fallback_to_reference_warns_once_and_matches_torch():
         functional.bce_with_logits(input, target64)
 
 
+@pytest.mark.interpreter
 def test_triton_sends_float64_to_the_reference():
     """The Triton kernels compute in float32: float64 calls go to the reference, warned once."""
     input, target = logits((4, 5), torch.float64), soft_labels((4, 5), torch.float64)

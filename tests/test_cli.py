@@ -30,6 +30,9 @@ def test_doctor_reports_versions_and_a_usable_cpp_backend():
                      "auto picks for CPU tensors: cpp"):
         assert expected in result.stdout, expected
     assert "triton:" in result.stdout and "reference:" in result.stdout
+    # The GPU defaults are stated on any machine.
+    assert "On CUDA tensors, auto runs the layers in cuDNN / cuBLAS" in result.stdout
+    assert "allow_tf32=" in result.stdout and "only when the triton backend is named" in result.stdout
 
 
 def test_doctor_with_an_unknown_backend_says_so_in_one_line():

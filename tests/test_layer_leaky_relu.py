@@ -144,12 +144,14 @@ TRITON_CASES = [("conv_transpose2d", conv_transpose_case, (2, 3, 3, 4, 5, 4, 2, 
                 ("linear", linear_case, ((2, 3, 7), 5))]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("layer,case,shape", TRITON_CASES, ids=lambda value: str(value) if not callable(value) else "")
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
 def test_triton_in_the_interpreter_matches_eager(layer, case, shape, with_bias):
     compare(case, shape, torch.float32, with_bias, 0.2, backend="triton")
 
 
+@pytest.mark.interpreter
 def test_triton_dilation_in_the_interpreter():
     x, w, b = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(4)
     with imggen_fast.set_backend("triton"):
@@ -161,6 +163,7 @@ def test_triton_dilation_in_the_interpreter():
     torch.testing.assert_close(actual_transposed, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.interpreter
 def test_triton_groups_go_to_the_reference_with_a_warning(monkeypatch):
     from imggen_fast import backends
 

@@ -224,6 +224,7 @@ def test_bias_gradient_bits_do_not_depend_on_threads(shape, channel_dim):
         assert torch.equal(grad_input, results[0][0]) and torch.equal(grad_bias, results[0][1])
 
 
+@pytest.mark.interpreter
 def test_bias_backward_gradcheck_and_double_backward():
     grad_output, output, _ = make_bias_case((3, 4, 2, 3), 1, torch.float64, 0.2)
     grad_output.requires_grad_(True)

@@ -111,6 +111,7 @@ def test_cpp_matches_reference_with_eps(dtype, shape, reduction):
             check_against_reference(results, reference_results(mu, logvar, eps, grad_z, beta, reduction), dtype)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 3, 4, 5), (5, 1030), (0, 5)], ids=str)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_triton_matches_reference_with_eps(shape, reduction):
@@ -226,6 +227,7 @@ def triton_randn4x(seed: int, numel: int) -> torch.Tensor:
     return out[:numel]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("seed", [0, 123456789, 2**63 - 2, -(2**40) + 17])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 1030), (2, 3, 4, 5)], ids=str)
 def test_cpp_noise_is_tl_randn4x(seed, shape):
@@ -238,6 +240,7 @@ def test_cpp_noise_is_tl_randn4x(seed, shape):
     torch.testing.assert_close(z.flatten(), triton_randn4x(seed, zeros.numel()), **NOISE_TOLERANCE)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("shape", [(3, 7), (5, 1030)], ids=str)
 def test_triton_kernel_noise_is_tl_randn4x(shape):
     seed = 987654321
@@ -293,6 +296,7 @@ def test_backward_regenerates_the_noise(backend, dtype, reduction):
     check_against_reference(results, reference_results(mu, logvar, eps, grad_z, 0.5, reduction), dtype)
 
 
+@pytest.mark.interpreter
 def test_triton_and_cpp_make_the_same_noise():
     shape = (4, 2, 3, 5)
     cpp = noise(shape, "cpp", generator=torch.Generator().manual_seed(8))
@@ -359,6 +363,7 @@ def test_opcheck_cpp():
     check_ops("cpp", torch.device("cpu"), SHAPES)
 
 
+@pytest.mark.interpreter
 def test_opcheck_triton():
     check_ops("triton", torch.device("cpu"), [(3, 7), (2, 3, 4, 5)])
 

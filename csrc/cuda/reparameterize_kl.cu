@@ -2,8 +2,9 @@
 // element math and the noise (Philox4x32-10 + Box-Muller, Triton's tl.randn4x) are
 // csrc/reparameterize_kl.h, shared with the CPU kernel.
 //
-// One block per chunk of up to kChunk elements of one sample; each thread takes whole
-// 4-element noise groups, so one Philox call serves four elements. The KL is reduced
+// One block per chunk of up to kChunk elements of one sample; each thread makes whole
+// 4-element noise groups (one Philox call serves four elements) and hands them out
+// through shared memory, so that each warp accesses consecutive elements. The KL is reduced
 // deterministically: each block sums its terms in a fixed tree (per-thread sums in a
 // fixed order, then warp shuffles, then the warps in order) into one partial sum, and
 // a second kernel adds the partial sums of each sample (or of the batch) the same way.
@@ -68,21 +69,37 @@ __device__ Chunk block_chunk(int64_t per_sample, int64_t chunks_per_sample) {
   return chunk;
 }
 
-// Runs element(i, noise) for every flat index i of the chunk; the thread takes whole
-// 4-element groups (one Philox call each when kNeedsNoise, else noise is 0).
+// Runs element(i, noise) for every flat index i of the chunk, kThreadsPerBlock * 4
+// elements at a time: thread t makes the four normals of group (base + t) (one Philox
+// call, when kNeedsNoise; else noise is 0) into shared memory, then takes elements
+// 4 * base + t, + kThreadsPerBlock, ..., so that a warp reads and writes 32 consecutive
+// elements per access (a thread taking its own group's four consecutive elements would
+// use a quarter of each warp access).
 template <bool kNeedsNoise, typename Element>
 __device__ void for_each_chunk_element(const Chunk& chunk, uint64_t seed, const Element& element) {
-  for (int64_t group = chunk.begin / math::kNormalsPerGroup + threadIdx.x;
-       group * math::kNormalsPerGroup < chunk.end; group += kThreadsPerBlock) {
-    math::Normals4 normals{};
+  constexpr int kStep = math::kNormalsPerGroup * kThreadsPerBlock;
+  __shared__ float4 noise[kThreadsPerBlock];
+  static_assert(math::kNormalsPerGroup == 4, "one float4 of normals per group");
+  // The loop bound is the same for every thread of the block: __syncthreads is safe.
+  for (int64_t base = chunk.begin / math::kNormalsPerGroup; base * math::kNormalsPerGroup < chunk.end;
+       base += kThreadsPerBlock) {
     if (kNeedsNoise) {
-      normals = math::randn4x(seed, static_cast<uint64_t>(group));
-    }
-    for (int k = 0; k < math::kNormalsPerGroup; ++k) {
-      const int64_t i = group * math::kNormalsPerGroup + k;
-      if (i >= chunk.begin && i < chunk.end) {
-        element(i, normals.values[k]);
+      const int64_t group = base + threadIdx.x;
+      if (group * math::kNormalsPerGroup < chunk.end) {
+        const math::Normals4 normals = math::randn4x(seed, static_cast<uint64_t>(group));
+        noise[threadIdx.x] = make_float4(normals.values[0], normals.values[1], normals.values[2], normals.values[3]);
       }
+      __syncthreads();
+    }
+    const float* normals = reinterpret_cast<const float*>(noise);
+    for (int local = threadIdx.x; local < kStep; local += kThreadsPerBlock) {
+      const int64_t i = base * math::kNormalsPerGroup + local;
+      if (i >= chunk.begin && i < chunk.end) {
+        element(i, kNeedsNoise ? normals[local] : 0.0f);
+      }
+    }
+    if (kNeedsNoise) {
+      __syncthreads();  // every thread has read this step's noise before the next one writes it
     }
   }
 }

@@ -43,23 +43,27 @@ def op(name: str):
     return handle
 
 
-def _first_tensor_device(arguments: tuple) -> torch.device | None:
+def launch_device(arguments: tuple) -> torch.device | None:
+    """The device of the first CUDA tensor among ``arguments`` (tensors, or lists of
+    tensors), None if there is none. A CPU tensor may come first (a one-element scale, say);
+    the kernels run where the CUDA operands live."""
     for argument in arguments:
-        if isinstance(argument, torch.Tensor):
-            return argument.device
-        if isinstance(argument, (list, tuple)) and argument and isinstance(argument[0], torch.Tensor):
-            return argument[0].device
+        tensors = argument if isinstance(argument, (list, tuple)) else (argument,)
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+                return tensor.device
     return None
 
 
 def on_tensors_device(launcher: Callable) -> Callable:
-    """``launcher`` made to launch on the device of its first tensor argument: Triton
-    launches on the current CUDA device, which need not be the tensors' one."""
+    """``launcher`` made to launch on the device of its CUDA tensor arguments: Triton
+    launches on the current CUDA device, which need not be the tensors' one (tensors on
+    cuda:1 with device 0 current: an illegal address, or silent peer access)."""
 
     @functools.wraps(launcher)
     def launch(*arguments):
-        device = _first_tensor_device(arguments)
-        if device is not None and device.type == "cuda":
+        device = launch_device(arguments)
+        if device is not None:
             with torch.cuda.device(device):
                 return launcher(*arguments)
         return launcher(*arguments)

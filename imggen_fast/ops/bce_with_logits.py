@@ -30,8 +30,19 @@ README's Results give the measured figures). The first backward scales the store
 gradient in place when it owns it, so no buffer of the input's size is allocated. Storing
 keeps N more elements from forward to backward; at tens of millions of elements a fresh
 buffer's page faults cost more than the sweep on the CPU, a size losses do not have in
-training. On a GPU, where these sweeps are memory-bound, recomputing would move a quarter
-fewer bytes for a number target; that is unmeasured, and one design serves every backend.
+training.
+
+On a GPU the sweeps are memory-bound, so bytes decide. The "gradient of 1" shortcut never
+fires there (it reads a CPU tensor only; a CUDA grad_output is never read on the host), so
+the backward always scales. Per element of E bytes, forward + backward: storing reads x
+and writes the gradient, then reads it and writes the result: 4E for a number target, 5E
+with a target tensor; recomputing reads x, then x again and writes the result: 3E, 5E with
+a target tensor (read twice). Recomputing saves a quarter for number targets only, and
+only where bytes are the cost: the losses of these models (64 logits, a 64x1x30x30 patch
+map, under 1 MB) are launch-bound on a GPU, where either design is one launch each way.
+So the GPU keeps the stored gradient, the design every backend shares; a recomputing
+backward would pay off for number-target losses of millions of elements, which these
+models do not have.
 
 The forward also saves (references to) its inputs, only for double backward
 (``create_graph=True``, a penalty on the gradient of the loss), which goes through the

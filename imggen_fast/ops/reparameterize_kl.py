@@ -24,6 +24,9 @@ the device, and ``torch.compile`` traces the draw without a graph break.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import torch
 
 from .. import backends, reference
@@ -36,6 +39,28 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 # Seeds are drawn uniformly from [0, 2**63 - 1): a 63-bit Philox key per call.
 _SEED_BOUND = 2**63 - 1
 _EPS_REQUIRES_GRAD = "eps requires grad (the kernels treat the noise as a constant)"
+# tl.randn4x on int64 offsets runs the 32-bit Philox with the offset's (low, high) words as
+# two counter words, which the C++ and CUDA kernels mirror, from Triton 3.4 on (triton PR
+# #6832, May 2025; 3.3.1 still switched to a 64-bit Philox for int64 offsets). The floor is
+# checked here rather than raised in pyproject.toml: each torch release pins one Triton
+# (torch 2.6 and 2.7 pin 3.2 and 3.3), and every other Triton kernel is right on those.
+FIRST_TRITON_WITH_32_BIT_PHILOX = (3, 4)
+
+
+@functools.cache
+def triton_noise_gap(version: str | None = None) -> str | None:
+    """Why the Triton kernels cannot make the noise with Triton ``version`` (default: the
+    installed one, imported only here, once Triton is chosen), or None if they can."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None or tuple(map(int, match.groups())) >= FIRST_TRITON_WITH_32_BIT_PHILOX:
+        return None
+    return (f"Triton {version} draws tl.randn4x noise for int64 offsets with a 64-bit Philox, not the 32-bit one "
+            "of the other backends (Triton >= 3.4 does: pip install 'triton>=3.4'); noise from the reference, "
+            "or pass eps")
 
 
 def output_like(mu: torch.Tensor) -> torch.Tensor:
@@ -73,8 +98,11 @@ def reparameterize_kl(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor 
     """Arguments checked by the caller. The reference backend draws its noise with
     ``torch.randn`` (as ``reference.reparameterize_kl`` does), the kernels with Philox."""
     backend = backends.choose(mu.device.type)
-    if backend == "reference" or backends.falls_back(
-            NAME, backend, _EPS_REQUIRES_GRAD if eps is not None and eps.requires_grad else None):
+    if eps is not None:
+        gap = _EPS_REQUIRES_GRAD if eps.requires_grad else None
+    else:
+        gap = triton_noise_gap() if backend == "triton" else None
+    if backend == "reference" or backends.falls_back(NAME, backend, gap):
         return reference.reparameterize_kl(mu, logvar, eps, beta=beta, reduction=reduction, generator=generator)
     seed = draw_seed(mu.device, generator) if eps is None else None
     return op(NAME)(mu, logvar, eps, seed, beta, reduction)
