@@ -1,0 +1,185 @@
+"""Finds the cases (see the contract in :mod:`imggen_fast.bench`), selects them by
+mode, kind and name, expands the imggen_fast providers per usable backend, and groups
+the providers of one comparison into a :class:`Benchmark`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import pkgutil
+from collections.abc import Iterable
+
+from . import common
+from .common import Case
+
+SIZE_MODES = ("smallest", "quick", "full")
+SIZES_VARIABLE = "IMGGEN_FAST_BENCH_SIZES"
+_SPEED_BACKENDS = ("cpp", "triton", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """The providers of one comparison, (kind, op, size, direction), timed together."""
+
+    kind: str
+    op: str
+    size: str
+    direction: str
+    cases: tuple[Case, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.op} {self.size} {self.direction}"
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(case.provider for case in self.cases)
+
+
+@dataclasses.dataclass(frozen=True)
+class Discovered:
+    """Every case the modules offer, in their order, and what they cannot offer yet
+    (description, reason)."""
+
+    cases: tuple[Case, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+
+def _module_cases(module) -> tuple[list[Case], list[tuple[str, str]]] | None:
+    listed = getattr(module, "CASES", None)
+    if listed is None and callable(getattr(module, "cases", None)):
+        listed = module.cases()
+    if listed is None:
+        return None
+    listed = list(listed)
+    for case in listed:
+        if not isinstance(case, Case):
+            raise TypeError(f"{module.__name__}.CASES must hold imggen_fast.bench.common.Case records, "
+                            f"got {type(case).__name__}")
+    return listed, [(str(what), str(why)) for what, why in getattr(module, "SKIPPED", ())]
+
+
+@functools.cache
+def discover() -> Discovered:
+    """Imports every module of imggen_fast.bench (but those named _*) and collects the
+    ``CASES`` (or ``cases()``) and ``SKIPPED`` of those that define them."""
+    from .. import bench
+
+    cases: list[Case] = []
+    skipped: list[tuple[str, str]] = []
+    for info in sorted(pkgutil.iter_modules(bench.__path__), key=lambda info: info.name):
+        if info.name.startswith("_"):
+            continue
+        found = _module_cases(importlib.import_module(f"{bench.__name__}.{info.name}"))
+        if found is not None:
+            cases += found[0]
+            skipped += found[1]
+    return Discovered(tuple(cases), tuple(skipped))
+
+
+def _ordered_unique(values: Iterable) -> list:
+    return list(dict.fromkeys(values))
+
+
+def _in_mode(cases: list[Case], mode: str) -> list[Case]:
+    """The cases of one op in ``mode``: ``full`` every one; ``smallest`` those of its first
+    size; ``quick`` those marked quick, or, for an op that marks none, its first two sizes
+    in the direction ``both`` (every direction where it has no ``both``)."""
+    if mode == "full":
+        return cases
+    sizes = _ordered_unique(case.size for case in cases)
+    if mode == "smallest":
+        return [case for case in cases if case.size == sizes[0]]
+    if any(case.quick is not None for case in cases):
+        return [case for case in cases if case.quick]
+    directions = {case.direction for case in cases}
+    return [case for case in cases if case.size in sizes[:2] and ("both" not in directions or case.direction == "both")]
+
+
+def usable_backends(device_type: str) -> list[str]:
+    """The imggen_fast backends that run kernels (not the reference, not Triton's
+    interpreter) on ``device_type`` tensors."""
+    from .. import backends
+
+    return [name for name in _SPEED_BACKENDS
+            if backends.why_not(name, device_type) is None and not (name == "triton" and device_type == "cpu")]
+
+
+def _per_backend(case: Case, names: list[str]) -> list[Case]:
+    """An imggen_fast case once per usable backend when there are several (on a GPU:
+    Triton and CUDA C++); unchanged when there is one."""
+    if len(names) < 2 or case.backend is not None or not case.provider.startswith("imggen_fast"):
+        return [case]
+    return [dataclasses.replace(case, provider=f"{case.provider}[{name}]", backend=name) for name in names]
+
+
+def known_names(kind: str) -> list[str]:
+    return _ordered_unique(case.op for case in discover().cases if case.kind == kind)
+
+
+def select(mode: str = "quick", ops: Iterable[str] | None = None, models: Iterable[str] | None = None) -> list[Case]:
+    """The cases of ``mode`` (smallest | quick | full). ``ops`` / ``models``: names to keep
+    (an empty list: all of that kind); when one is given and the other is None, the other
+    kind is left out; when both are None, every kind is kept."""
+    if mode not in SIZE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(SIZE_MODES)}, got {mode!r}")
+    wanted: dict[str, set[str] | None] = {}
+    for kind, names, argument in (("op", ops, "ops"), ("model", models, "models")):
+        if names is None:
+            continue
+        names = set(names)
+        unknown = names - set(known_names(kind))
+        if unknown:
+            raise ValueError(f"{argument}: unknown {kind} name(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(known_names(kind))}")
+        wanted[kind] = names or None
+    everything = not wanted
+    backend_names = usable_backends(common.device().type)
+    selected: list[Case] = []
+    for kind, op in _ordered_unique((case.kind, case.op) for case in discover().cases):
+        if not everything and (kind not in wanted or (wanted[kind] is not None and op not in wanted[kind])):
+            continue
+        for case in _in_mode([case for case in discover().cases if (case.kind, case.op) == (kind, op)], mode):
+            selected += _per_backend(case, backend_names)
+    return selected
+
+
+def group(cases: Iterable[Case]) -> list[Benchmark]:
+    """The cases grouped by (kind, op, size, direction), in the order first seen."""
+    groups: dict[tuple[str, str, str, str], list[Case]] = {}
+    for case in cases:
+        groups.setdefault(case.benchmark, []).append(case)
+    return [Benchmark(*key, tuple(members)) for key, members in groups.items()]
+
+
+_checks: dict[tuple, common.Check] = {}
+_kept: dict[tuple, object] = {}
+
+
+def _measurement_key(case: Case) -> tuple:
+    # Checks and kept bytes do not depend on the direction: one per (op, size, provider).
+    return case.kind, case.op, case.size, case.provider, case.backend, str(common.device())
+
+
+def check_of(case: Case) -> common.Check | None:
+    """The case's correctness check (run once per op, size and provider, under the
+    case's backend), or None when it has none."""
+    if case.check is None:
+        return None
+    key = _measurement_key(case)
+    if key not in _checks:
+        with case.backend_context():
+            _checks[key] = case.check()
+    return _checks[key]
+
+
+def kept_of(case: Case) -> int | dict[str, int] | None:
+    """The bytes the case keeps for backward (measured once per op, size and provider)."""
+    if case.kept_for_backward is None:
+        return None
+    key = _measurement_key(case)
+    if key not in _kept:
+        with case.backend_context():
+            _kept[key] = case.kept_for_backward()
+    return _kept[key]
