@@ -87,6 +87,13 @@ def build(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def report(arguments: argparse.Namespace) -> int:
+    """Runs the benchmark cases and writes report/REPORT.md (see imggen_fast.report)."""
+    from . import report as report_module
+
+    return report_module.main(arguments)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imggen-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +101,11 @@ def make_parser() -> argparse.ArgumentParser:
     build_parser = commands.add_parser("build", help="compile the C++ kernels ahead of time")
     build_parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     build_parser.set_defaults(run=build)
+    from .report import add_arguments as add_report_arguments
+
+    report_parser = commands.add_parser("report", help="eager vs imggen_fast vs torch.compile: REPORT.md, plots, JSON")
+    add_report_arguments(report_parser)
+    report_parser.set_defaults(run=report)
     return parser
 
 

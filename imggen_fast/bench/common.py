@@ -230,18 +230,26 @@ class Case:
                                    "direction": self.direction, "dtype": self.dtype, "elements": self.elements,
                                    "bytes_moved": self.bytes_moved, "flops": flops if isinstance(flops, int) else 0}
         if self.bytes_moved and median_seconds > 0:
-            gbps = self.bytes_moved / median_seconds / 1e9
-            info["GB/s"] = round(gbps, 3)
-            if copy_gbps:
-                info["copy_GB/s"] = round(copy_gbps, 2)
-                info["share_of_copy_bandwidth"] = round(gbps / copy_gbps, 4)
+            info["GB/s"] = _significant(self.bytes_moved / median_seconds / 1e9)
         if isinstance(flops, int) and flops and median_seconds > 0:
-            gflops = flops / median_seconds / 1e9
-            info["GFLOP/s"] = round(gflops, 3)
-            if matmul_gflops:
-                info["matmul_GFLOP/s"] = round(matmul_gflops, 2)
-                info["share_of_matmul"] = round(gflops / matmul_gflops, 4)
+            info["GFLOP/s"] = _significant(flops / median_seconds / 1e9)
+        add_shares(info, copy_gbps, matmul_gflops)
         return info
+
+
+def add_shares(info: dict[str, object], copy_gbps: float | None, matmul_gflops: float | None) -> None:
+    """Adds to ``info`` (with GB/s and/or GFLOP/s) the limits and the share of them achieved."""
+    if copy_gbps and "GB/s" in info:
+        info["copy_GB/s"] = _significant(copy_gbps)
+        info["share_of_copy_bandwidth"] = _significant(info["GB/s"] / copy_gbps)
+    if matmul_gflops and "GFLOP/s" in info:
+        info["matmul_GFLOP/s"] = _significant(matmul_gflops)
+        info["share_of_matmul"] = _significant(info["GFLOP/s"] / matmul_gflops)
+
+
+def _significant(value: float) -> float:
+    """``value`` rounded to 4 significant digits (for JSON that stays readable)."""
+    return float(f"{value:.4g}")
 
 
 @functools.cache
@@ -271,29 +279,35 @@ def _median_seconds(function: Callable[[], object], repeats: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-@functools.cache
-def _copy_bandwidth(device_name: str, numel: int) -> float:
-    source = torch.randn(numel, device=device_name)
+def measure_copy_bandwidth(numel: int = 1 << 24) -> float:
+    """The device's copy bandwidth in GB/s, measured now: bytes read plus written by
+    copying a 64 MiB fp32 tensor into a preallocated one, median of 7 runs."""
+    source = torch.randn(numel, device=device())
     destination = torch.empty_like(source)
     return 2 * source.nbytes / _median_seconds(lambda: destination.copy_(source)) / 1e9
 
 
-@functools.cache
-def _matmul_throughput(device_name: str, size: int) -> float:
-    left, right = torch.randn(size, size, device=device_name), torch.randn(size, size, device=device_name)
+def measure_matmul_throughput(size: int | None = None) -> float:
+    """The device's fp32 matmul throughput in GFLOP/s, measured now: size x size x size
+    (1024 on CPU, 8192 on a GPU), median of 7 runs."""
+    size = size or (8192 if device().type == "cuda" else 1024)
+    left, right = torch.randn(size, size, device=device()), torch.randn(size, size, device=device())
     return 2 * size**3 / _median_seconds(lambda: torch.mm(left, right)) / 1e9
 
 
+@functools.cache
+def _cached_limit(measure: Callable[[int | None], float], device_name: str, size: int | None) -> float:
+    return measure(size)
+
+
 def copy_bandwidth_gbps(numel: int = 1 << 24) -> float:
-    """The device's copy bandwidth in GB/s: bytes read plus written by copying a 64 MiB
-    fp32 tensor into a preallocated one, median of 7 runs (cached per device)."""
-    return _copy_bandwidth(str(device()), numel)
+    """:func:`measure_copy_bandwidth`, measured once per device and size in a process."""
+    return _cached_limit(measure_copy_bandwidth, str(device()), numel)
 
 
 def matmul_gflops(size: int | None = None) -> float:
-    """The device's fp32 matmul throughput in GFLOP/s, size x size x size (1024 on CPU,
-    8192 on a GPU), median of 7 runs (cached per device)."""
-    return _matmul_throughput(str(device()), size or (8192 if device().type == "cuda" else 1024))
+    """:func:`measure_matmul_throughput`, measured once per device and size in a process."""
+    return _cached_limit(measure_matmul_throughput, str(device()), size)
 
 
 def copy_floor(bytes_moved: int) -> Callable[[], Callable[[], object]]:

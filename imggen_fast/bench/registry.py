@@ -60,29 +60,34 @@ def _module_cases(module) -> tuple[list[Case], list[tuple[str, str]]] | None:
     return listed, [(str(what), str(why)) for what, why in getattr(module, "SKIPPED", ())]
 
 
-@functools.cache
-def discover() -> Discovered:
-    """Imports every module of imggen_fast.bench (but those named _*) and collects the
+def discover_in(package) -> Discovered:
+    """Imports every module of ``package`` (but those named _*) and collects the
     ``CASES`` (or ``cases()``) and ``SKIPPED`` of those that define them."""
-    from .. import bench
-
     cases: list[Case] = []
     skipped: list[tuple[str, str]] = []
-    for info in sorted(pkgutil.iter_modules(bench.__path__), key=lambda info: info.name):
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda info: info.name):
         if info.name.startswith("_"):
             continue
-        found = _module_cases(importlib.import_module(f"{bench.__name__}.{info.name}"))
+        found = _module_cases(importlib.import_module(f"{package.__name__}.{info.name}"))
         if found is not None:
             cases += found[0]
             skipped += found[1]
     return Discovered(tuple(cases), tuple(skipped))
 
 
+@functools.cache
+def discover() -> Discovered:
+    """The cases of imggen_fast.bench (see :func:`discover_in`), found once per process."""
+    from .. import bench
+
+    return discover_in(bench)
+
+
 def _ordered_unique(values: Iterable) -> list:
     return list(dict.fromkeys(values))
 
 
-def _in_mode(cases: list[Case], mode: str) -> list[Case]:
+def in_mode(cases: list[Case], mode: str) -> list[Case]:
     """The cases of one op in ``mode``: ``full`` every one; ``smallest`` those of its first
     size; ``quick`` those marked quick, or, for an op that marks none, its first two sizes
     in the direction ``both`` (every direction where it has no ``both``)."""
@@ -140,7 +145,7 @@ def select(mode: str = "quick", ops: Iterable[str] | None = None, models: Iterab
     for kind, op in _ordered_unique((case.kind, case.op) for case in discover().cases):
         if not everything and (kind not in wanted or (wanted[kind] is not None and op not in wanted[kind])):
             continue
-        for case in _in_mode([case for case in discover().cases if (case.kind, case.op) == (kind, op)], mode):
+        for case in in_mode([case for case in discover().cases if (case.kind, case.op) == (kind, op)], mode):
             selected += _per_backend(case, backend_names)
     return selected
 
