@@ -188,6 +188,7 @@ def run(mode: Mode, ops: list[str] | None, models: list[str] | None, rounds: int
     build_seconds = time.perf_counter() - wall_start
     cases = registry.select(mode.sizes, ops, models)
     benchmarks = registry.group(cases)
+    registry.forget_measurements()  # every check shown comes from this run
     limits_start = measure_limits()
     results: list[dict[str, object]] = []
     with tqdm(total=len(benchmarks), unit="case", disable=not show_progress, file=sys.stderr,
@@ -614,6 +615,7 @@ def plot_speedups(results: list[dict[str, object]], title: str, path: Path) -> N
     """Bars of the speed-up against eager and against torch.compile, one pair per
     comparison; hatched bars are ties."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     measured = [result for result in results if result.get("speedup_vs_eager") or result.get("speedup_vs_compile")]
     figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(measured) + 2), 4.6))
@@ -635,7 +637,7 @@ def plot_speedups(results: list[dict[str, object]], title: str, path: Path) -> N
     ratios = [result[key]["ratio"] for result in measured for key in ("speedup_vs_eager", "speedup_vs_compile")
               if result.get(key)]
     axes.set_ylim(min(0.5, min(ratios) / 1.5), max(2.0, max(ratios) * 1.6))
-    axes.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}x"))
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
     axes.set_xticks(range(len(measured)))
     axes.set_xticklabels([f"{result['size']}\n{result['direction']}" for result in measured], fontsize=7,
                          rotation=30 if len(measured) > 6 else 0, ha="right" if len(measured) > 6 else "center")

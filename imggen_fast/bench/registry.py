@@ -162,6 +162,12 @@ _checks: dict[tuple, common.Check] = {}
 _kept: dict[tuple, object] = {}
 
 
+def forget_measurements() -> None:
+    """Drops the checks and kept bytes measured so far, so that the next ones are measured anew."""
+    _checks.clear()
+    _kept.clear()
+
+
 def _measurement_key(case: Case) -> tuple:
     # Checks and kept bytes do not depend on the direction: one per (op, size, provider).
     return case.kind, case.op, case.size, case.provider, case.backend, str(common.device())
