@@ -405,10 +405,14 @@ def ratio_text(comparison: dict[str, object] | None) -> str:
 
 
 def check_text(check: dict[str, object] | None, markdown: bool = True) -> str:
+    """"ok" or "FAILED", the max rel error, and the Frobenius one where the tolerance uses it."""
     if check is None:
         return "no check"
     verdict = "ok" if check["passed"] else ("**FAILED**" if markdown else "FAILED")
-    return f"{verdict} {check['max_rel_error']:.1g}"
+    text = f"{verdict} {check['max_rel_error']:.1g}"
+    if "frobenius" in check.get("tolerance", ""):
+        text += f" (Frobenius {check['frobenius_rel_error']:.1g})"
+    return text
 
 
 def _benchmark_check(result: dict[str, object], markdown: bool = True) -> str:

@@ -2,8 +2,8 @@
 other cases, and a crash there cannot end the caller).
 
 ``python -m imggen_fast.bench.memory CASE_ID`` builds the case on
-``$IMGGEN_FAST_BENCH_DEVICE``, calls it once more after ``make()`` (a warm-up: the
-optimizer state exists, torch.compile has compiled), then measures one call with
+``$IMGGEN_FAST_BENCH_DEVICE`` (``make()`` runs the work once: the optimizer state
+exists, torch.compile has compiled), then measures one more call with
 :func:`imggen_fast.bench.common.peak_memory_bytes`, and prints ``{"peak_bytes": N}``
 as its last line."""
 
@@ -28,10 +28,10 @@ def find(case_id: str) -> common.Case:
 
 
 def measure(case: common.Case) -> int:
-    """Peak bytes of one call of ``case`` after a warm-up call, in this process."""
+    """Peak bytes of one call of ``case`` in this process, after ``make()`` (which ran the
+    work once: the optimizer state exists, torch.compile has compiled)."""
     with case.backend_context():
         function = case.make()
-        function()
         return common.peak_memory_bytes(function)
 
 
