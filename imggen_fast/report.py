@@ -18,9 +18,10 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -562,8 +563,6 @@ def render_markdown(data: dict[str, object], plots: dict[str, list[str]]) -> str
                 f"{seconds['checks_and_memory']:.0f} s, loading the C++ kernels {seconds['build']:.0f} s"
                 + (" (built now)" if seconds.get("kernels_built_now") else "") + ".", ""]
     out += ["## Summary", "", markdown_table(SUMMARY_HEADER, summary_rows(data)), ""]
-    if "speedup" in plots:
-        out += [f"![{name}]({name})" for name in plots["speedup"]] + [""]
     problems = failures(data)
     out += ["## Failures", ""] + ([f"- {problem}" for problem in problems] if problems else
                                   ["None: every case ran and every check passed."]) + [""]
@@ -576,7 +575,13 @@ def render_markdown(data: dict[str, object], plots: dict[str, list[str]]) -> str
                                 for row in data["regressions"]]), ""]
     if data.get("skipped"):
         out += ["## Not measured", ""] + [f"- {what}: {why}" for what, why in data["skipped"]] + [""]
+    overview_written = False
     for (kind, op), results in _sections(data).items():
+        if kind == "model" and not overview_written:
+            overview_written = True
+            out += ["## Training steps", "", "One optimisation step (forward, backward, optimizer) at batch 64, "
+                    "through the step functions the training loop runs (imggen_fast.steps).", ""]
+            out += [f"![{name}]({name})" for name in plots.get("models", [])] + [""]
         out += [f"## {'Training step' if kind == 'model' else 'Op'}: {op}", ""]
         out += [f"![{name}]({name})" for name in plots.get(f"{kind}:{op}", [])] + [""]
         for result in results:
@@ -588,8 +593,6 @@ def render_markdown(data: dict[str, object], plots: dict[str, list[str]]) -> str
                     f"{ratio_text(result.get('speedup_vs_eager'))}, vs torch.compile "
                     f"{ratio_text(result.get('speedup_vs_compile'))}.", "",
                     markdown_table(PROVIDER_HEADER, _provider_rows(result)), ""]
-    if "memory" in plots:
-        out += ["## Memory of the training steps", ""] + [f"![{name}]({name})" for name in plots["memory"]] + [""]
     return "\n".join(out)
 
 
@@ -615,24 +618,26 @@ def _style(provider: str, index: int) -> dict[str, object]:
             "linestyle": ":" if base.startswith("floor") else "-"}
 
 
-def plot_speedups(results: list[dict[str, object]], title: str, path: Path) -> None:
+_RATIO_TICKS = (0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def plot_speedups(results: list[dict[str, object]], title: str, path: Path, name: Callable[[dict], str]) -> None:
     """Bars of the speed-up against eager and against torch.compile, one pair per
     comparison; hatched bars are ties."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     measured = [result for result in results if result.get("speedup_vs_eager") or result.get("speedup_vs_compile")]
     figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(measured) + 2), 4.6))
     width = 0.38
-    for offset, (key, name, color) in enumerate((("speedup_vs_eager", "vs eager (fastest eager variant)", "#1f77b4"),
-                                                 ("speedup_vs_compile", "vs torch.compile", "#2ca02c"))):
+    for offset, (key, color) in enumerate((("speedup_vs_eager", "#1f77b4"), ("speedup_vs_compile", "#2ca02c"))):
         for index, result in enumerate(measured):
             comparison = result.get(key)
             if not comparison:
                 continue
             axes.bar(index + (offset - 0.5) * width, comparison["ratio"], width, color=color,
-                     hatch="//" if comparison["tie"] else None, edgecolor="black", linewidth=0.5,
-                     label=name if index == next(i for i, r in enumerate(measured) if r.get(key)) else None)
+                     hatch="//" if comparison["tie"] else None, edgecolor="black", linewidth=0.5)
             axes.annotate(f"{comparison['ratio']:.2f}", (index + (offset - 0.5) * width, comparison["ratio"]),
                           ha="center", va="bottom", fontsize=7)
     axes.axhline(1.0, color="black", linewidth=0.8)
@@ -640,16 +645,21 @@ def plot_speedups(results: list[dict[str, object]], title: str, path: Path) -> N
     axes.set_yscale("log")
     ratios = [result[key]["ratio"] for result in measured for key in ("speedup_vs_eager", "speedup_vs_compile")
               if result.get(key)]
-    axes.set_ylim(min(0.5, min(ratios) / 1.5), max(2.0, max(ratios) * 1.6))
+    low, high = min(0.5, min(ratios) / 1.5), max(2.0, max(ratios) * 1.6)
+    axes.set_ylim(low, high)
+    axes.set_yticks([tick for tick in _RATIO_TICKS if low <= tick <= high])
     axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axes.yaxis.set_minor_formatter(NullFormatter())
     axes.set_xticks(range(len(measured)))
-    axes.set_xticklabels([f"{result['size']}\n{result['direction']}" for result in measured], fontsize=7,
-                         rotation=30 if len(measured) > 6 else 0, ha="right" if len(measured) > 6 else "center")
+    axes.set_xticklabels([textwrap.fill(name(result), 14) for result in measured], fontsize=7)
+    axes.legend(handles=[Patch(facecolor="#1f77b4", edgecolor="black", label="vs eager (fastest eager variant)"),
+                         Patch(facecolor="#2ca02c", edgecolor="black", label="vs torch.compile"),
+                         Patch(facecolor="white", edgecolor="black", hatch="//", label="tie (within the spread)")],
+                fontsize=8)
     axes.set_ylabel("speed-up of imggen_fast (×)\nabove 1: imggen_fast faster")
-    axes.set_xlabel("case (size, pass)")
+    axes.set_xlabel("case")
     axes.set_title(f"{title}: speed-up of the fastest imggen_fast provider\n(hatched: a tie, within the spread "
                    f"measured in the same run)", fontsize=9)
-    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -682,8 +692,11 @@ def plot_time_against_size(results: list[dict[str, object]], op: str, limits: di
             median = [spread["median"] * 1e3 for _, spread in points]
             low = [(spread["median"] - spread["min"]) * 1e3 for _, spread in points]
             high = [(spread["max"] - spread["median"]) * 1e3 for _, spread in points]
-            axes.errorbar(x, median, yerr=[low, high], label=label(provider), capsize=2, markersize=5,
-                          **_style(provider, index))
+            style = _style(provider, index)
+            if by_flops:
+                # Different layers, not one size sweep: points, not lines.
+                style["linestyle"] = "none"
+            axes.errorbar(x, median, yerr=[low, high], label=label(provider), capsize=2, markersize=5, **style)
         xs = sorted({_work(result, work_key) for result in chosen})
         if limits.get(limit_key) and xs:
             scale = 1e9 * limits[limit_key]
@@ -749,9 +762,9 @@ def make_plots(data: dict[str, object], directory: Path) -> dict[str, list[str]]
     plots: dict[str, list[str]] = {}
     for (kind, op), results in _sections(data).items():
         names = []
-        if any(result.get("speedup_vs_eager") or result.get("speedup_vs_compile") for result in results):
+        if kind == "op" and _has_speedups(results):
             name = f"speedup_{_slug(op)}.png"
-            plot_speedups(results, op, directory / name)
+            plot_speedups(results, op, directory / name, lambda result: f"{result['size']} {result['direction']}")
             names.append(name)
         if kind == "op":
             name = f"time_vs_size_{_slug(op)}.png"
@@ -759,9 +772,17 @@ def make_plots(data: dict[str, object], directory: Path) -> dict[str, list[str]]
                 names.append(name)
         plots[f"{kind}:{op}"] = names
     models = [result for result in data["benchmarks"] if result["kind"] == "model"]
+    if _has_speedups(models):
+        plot_speedups(models, "training steps", directory / "speedup_training_steps.png",
+                      lambda result: f"{result['op']} {result['size']}")
+        plots["models"] = ["speedup_training_steps.png"]
     if models and plot_memory(models, directory / "memory_training_steps.png"):
-        plots["memory"] = ["memory_training_steps.png"]
+        plots["models"] = plots.get("models", []) + ["memory_training_steps.png"]
     return plots
+
+
+def _has_speedups(results: list[dict[str, object]]) -> bool:
+    return any(result.get("speedup_vs_eager") or result.get("speedup_vs_compile") for result in results)
 
 
 # ----------------------------------------------------------------------------- command

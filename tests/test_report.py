@@ -108,7 +108,7 @@ def test_report_files_mark_a_failing_check_and_the_exit_status_says_so(synthetic
                      "## Training step: toy_model", "**tie**", "copy bandwidth 10.0 GB/s", "3 timed rounds"):
         assert expected in text, expected
     assert text.index("## Summary") < text.index("## Op: toy_op")
-    for name in ("speedup_toy_op.png", "time_vs_size_toy_op.png", "speedup_toy_model.png",
+    for name in ("speedup_toy_op.png", "time_vs_size_toy_op.png", "speedup_training_steps.png",
                  "memory_training_steps.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in text
@@ -144,10 +144,11 @@ def test_compare_marks_regressions_beyond_the_threshold(synthetic, tmp_path, mon
         for entry in result["providers"].values():
             entry["spread"]["median"] /= 3
     (tmp_path / "old.json").write_text(json.dumps(old))
-    assert run_cli("--output", str(tmp_path / "second"), "--rounds", "2", "--compare", str(tmp_path / "old.json"),
-                   "--threshold", "0.5") == 1
+    assert run_cli("--output", str(tmp_path / "second"), "--from-json", str(tmp_path / "first" / "results.json"),
+                   "--compare", str(tmp_path / "old.json"), "--threshold", "0.5") == 1
     data = report.load_results(tmp_path / "second" / "results.json")
     assert [row["regression"] for row in data["regressions"]] == [True, True, True]
+    assert [row["ratio"] for row in data["regressions"]] == pytest.approx([3.0, 3.0, 3.0])
     assert {row["case"].split()[-1] for row in data["regressions"]} == {"imggen_fast"}
     assert "**REGRESSION**" in (tmp_path / "second" / "REPORT.md").read_text()
 
