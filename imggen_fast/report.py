@@ -85,6 +85,7 @@ def machine_info() -> dict[str, object]:
     info: dict[str, object] = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": _cpu_model(),
+        "cpu_capability": _build.cpu_capability(),
         "logical_cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

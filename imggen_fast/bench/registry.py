@@ -158,39 +158,33 @@ def group(cases: Iterable[Case]) -> list[Benchmark]:
     return [Benchmark(*key, tuple(members)) for key, members in groups.items()]
 
 
-_checks: dict[tuple, common.Check] = {}
-_kept: dict[tuple, object] = {}
+# Checks and kept bytes do not depend on the direction: measured once per (op, size,
+# provider) and kept here, by what is measured and the case's key.
+_measured: dict[tuple, object] = {}
 
 
 def forget_measurements() -> None:
     """Drops the checks and kept bytes measured so far, so that the next ones are measured anew."""
-    _checks.clear()
-    _kept.clear()
+    _measured.clear()
 
 
-def _measurement_key(case: Case) -> tuple:
-    # Checks and kept bytes do not depend on the direction: one per (op, size, provider).
-    return case.kind, case.op, case.size, case.provider, case.backend, str(common.device())
+def _measured_once(case: Case, what: str, measure) -> object:
+    """``measure()`` run under the case's backend, once per (what, op, size, provider, backend, device)."""
+    if measure is None:
+        return None
+    key = what, case.kind, case.op, case.size, case.provider, case.backend, str(common.device())
+    if key not in _measured:
+        with case.backend_context():
+            _measured[key] = measure()
+    return _measured[key]
 
 
 def check_of(case: Case) -> common.Check | None:
     """The case's correctness check (run once per op, size and provider, under the
     case's backend), or None when it has none."""
-    if case.check is None:
-        return None
-    key = _measurement_key(case)
-    if key not in _checks:
-        with case.backend_context():
-            _checks[key] = case.check()
-    return _checks[key]
+    return _measured_once(case, "check", case.check)
 
 
 def kept_of(case: Case) -> int | dict[str, int] | None:
     """The bytes the case keeps for backward (measured once per op, size and provider)."""
-    if case.kept_for_backward is None:
-        return None
-    key = _measurement_key(case)
-    if key not in _kept:
-        with case.backend_context():
-            _kept[key] = case.kept_for_backward()
-    return _kept[key]
+    return _measured_once(case, "kept", case.kept_for_backward)
