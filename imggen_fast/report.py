@@ -546,7 +546,10 @@ def render_markdown(data: dict[str, object], plots: dict[str, list[str]]) -> str
                    + (f" (start {data['limits_at_start']['copy_GB/s']:.1f} / end {data['limits_at_end']['copy_GB/s']:.1f}"
                       f" GB/s and {data['limits_at_start']['matmul_GFLOP/s']:.1f} / "
                       f"{data['limits_at_end']['matmul_GFLOP/s']:.1f} GFLOP/s; the better one is used)"
-                      if "limits_at_start" in data else "") + ".")
+                      if "limits_at_start" in data else "") + ". The copy bandwidth is that of a 64 MiB copy, "
+                   "beyond the caches: a case whose bytes fit in a cache can exceed it (its floor, a copy of the "
+                   "same bytes, is timed beside it). The matmul throughput is the better of torch.mm and a 1x1 "
+                   "convolution (oneDNN / cuDNN) of the same width.")
     out += ["",
             "A speed-up is the fastest eager (or torch.compile) provider's median over the fastest imggen_fast "
             "provider's: above 1, imggen_fast is faster. It is a **tie** when the two providers' interquartile "
