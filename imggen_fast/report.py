@@ -132,6 +132,7 @@ def measure_benchmark(benchmark: registry.Benchmark, mode: Mode, rounds: int | N
     spread, GB/s and GFLOP/s, bytes kept for backward,
     peak memory (in a fresh process, for cases that ask), and the correctness check."""
     functions, contexts, setup, providers = {}, {}, {}, {}
+    common.forget_compiled_code()
     for case in benchmark.cases:
         start = time.perf_counter()
         with case.backend_context():

@@ -392,11 +392,15 @@ def _quiet_stderr():
 
 
 def compiled(function: Callable) -> Callable:
-    """``torch.compile`` of an eager function or module (inductor), compiled afresh on
-    first call: dynamo's caches are cleared, so a case never reuses code traced by
-    another case under another configuration (see :func:`no_donated_buffers`)."""
-    torch._dynamo.reset()
+    """``torch.compile`` of an eager function or module (inductor), compiled on first call."""
     return torch.compile(function, backend="inductor")
+
+
+def forget_compiled_code() -> None:
+    """Clears dynamo's caches: the harness calls it before each comparison, so that a
+    case never reuses code traced by another case under another configuration (see
+    :func:`no_donated_buffers`), while the providers of one comparison keep theirs."""
+    torch._dynamo.reset()
 
 
 def no_donated_buffers():

@@ -102,6 +102,7 @@ def run_case(benchmark, case: common.Case, budget_seconds: float = 2.0) -> dict[
     figures (GB/s, GFLOP/s and their share of the limits measured in the same run),
     its correctness check and the bytes it keeps for backward; a failing check fails
     the test."""
+    common.forget_compiled_code()
     with case.backend_context():
         function = case.make()
         if benchmark.disabled:

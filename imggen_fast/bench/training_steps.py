@@ -106,9 +106,9 @@ def _build_gan(model: Model, provider: str, learning_rate: float | None, generat
     losses = steps.FUSED_GAN_LOSSES if provider in _PATCHED else steps.EAGER_GAN_LOSSES
     run_g, run_d = net_g, net_d
     if provider in _COMPILED:
-        run_g, run_d = compiled(net_g), torch.compile(net_d, backend="inductor")
+        run_g, run_d = compiled(net_g), compiled(net_d)
         if provider == COMPILE:
-            losses = steps.GANLosses(torch.compile(losses.d_loss), torch.compile(losses.g_loss))
+            losses = steps.GANLosses(compiled(losses.d_loss), compiled(losses.g_loss))
     parameters = [*net_g.parameters(), *net_d.parameters()]
     return Training(lambda: steps.gan_step(run_g, run_d, optimizer_g, optimizer_d, real, noise, losses),
                     [optimizer_d, optimizer_g],
