@@ -245,8 +245,9 @@ def _time_split(data: dict[str, object]) -> dict[str, float]:
 
 
 def _best(providers: dict[str, dict], role: str) -> str | None:
-    """The provider of ``role`` with the lowest median, or None."""
-    candidates = [name for name, entry in providers.items() if entry.get("role") == role and "spread" in entry]
+    """The provider of ``role`` with the lowest median among those in the speed-ups, or None."""
+    candidates = [name for name, entry in providers.items()
+                  if entry.get("role") == role and "spread" in entry and entry.get("in_speedups", True)]
     return min(candidates, key=lambda name: providers[name]["spread"]["median"]) if candidates else None
 
 
@@ -354,7 +355,7 @@ def load_results(path: Path) -> dict[str, object]:
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: cannot read it as JSON: {error}") from error
     if raw.get("format") == FORMAT:
-        return raw
+        return add_comparisons(raw)
     if isinstance(raw.get("benchmarks"), list) and "machine_info" in raw:
         return from_pytest_benchmark(raw)
     raise ValueError(f"{path}: neither a report results.json nor a pytest-benchmark JSON file")

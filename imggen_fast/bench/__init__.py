@@ -35,7 +35,8 @@ and the benchmarks without a line of report code changing.
   the GB/s and GFLOP/s, and their share of the copy bandwidth and matmul throughput
   measured in the same run. ``kind="model"`` marks a whole training step (direction
   ``step``); ``measure_memory=True`` has the report measure its peak memory in a fresh
-  process.
+  process. ``in_speedups=False`` shows a variant that does other work than its op (the
+  bottleneck with its noise given) without counting it in the speed-ups.
 * ``SKIPPED`` (optional): (description, reason) pairs for cases a module cannot offer
   yet (a model kind the models do not accept); the report lists them.
 

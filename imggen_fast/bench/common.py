@@ -182,7 +182,9 @@ class Case:
     the reference on the same inputs. ``kept_for_backward()``: bytes autograd keeps for
     backward over one forward (a dict for several networks). ``measure_memory``: the
     report measures the peak memory of one call in a fresh process. ``backend``: the
-    imggen_fast backend the case runs under (None: the default)."""
+    imggen_fast backend the case runs under (None: the default). ``in_speedups``: False
+    for a variant doing other work than its op (the bottleneck with its noise given), shown
+    beside the others but left out of the speed-ups."""
 
     op: str
     size: str
@@ -199,6 +201,7 @@ class Case:
     kind: str = "op"
     measure_memory: bool = False
     backend: str | None = None
+    in_speedups: bool = True
 
     @property
     def id(self) -> str:
@@ -228,6 +231,7 @@ class Case:
         flops = self.flops if flops is None else flops
         info: dict[str, object] = {"kind": self.kind, "op": self.op, "size": self.size, "provider": self.provider,
                                    "direction": self.direction, "dtype": self.dtype, "elements": self.elements,
+                                   "in_speedups": self.in_speedups,
                                    "bytes_moved": self.bytes_moved, "flops": flops if isinstance(flops, int) else 0}
         if self.bytes_moved and median_seconds > 0:
             info["GB/s"] = _significant(self.bytes_moved / median_seconds / 1e9)

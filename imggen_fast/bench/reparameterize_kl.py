@@ -3,7 +3,7 @@
 Providers: ``eager`` (the reference with ``torch.randn_like`` noise), ``imggen_fast``
 (the fused op making its noise in the kernel), ``compile`` (``torch.compile`` of the
 eager function), ``imggen_fast_eps`` (the fused op with ``eps`` given, so that it only
-streams memory) and ``floor_copy`` (a copy of the bytes the op must move). Sizes (batch x
+streams memory: other work than the others', left out of the speed-ups) and ``floor_copy`` (a copy of the bytes the op must move). Sizes (batch x
 latent): from the overhead-bound 128x32 to the bandwidth-bound 256x65536 (16.8M elements).
 
 ``bytes_moved`` is what the op must read and write, the same for every provider of a
@@ -101,7 +101,8 @@ def _case(size: str, direction: str, provider: str) -> Case:
         return Case(OP, size, provider, direction, copy_floor(bytes_moved(shape, direction)),
                     bytes_moved=bytes_moved(shape, direction), elements=shape[0] * shape[1], quick=quick)
     return Case(OP, size, provider, direction, functools.partial(_make, provider, shape, direction),
-                bytes_moved=bytes_moved(shape, direction, provider == IMGGEN_FAST_EPS), elements=shape[0] * shape[1], quick=quick,
+                bytes_moved=bytes_moved(shape, direction, provider == IMGGEN_FAST_EPS), elements=shape[0] * shape[1],
+                quick=quick, in_speedups=provider != IMGGEN_FAST_EPS,
                 check=functools.partial(check, shape, provider) if provider.startswith(IMGGEN_FAST) else None,
                 kept_for_backward=functools.partial(kept_for_backward, shape, provider))
 
