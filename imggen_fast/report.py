@@ -589,7 +589,8 @@ def render_markdown(data: dict[str, object], plots: dict[str, list[str]]) -> str
                     "through the step functions the training loop runs (imggen_fast.steps).", ""]
             out += [f"![{name}]({name})" for name in plots.get("models", [])] + [""]
         out += [f"## {'Training step' if kind == 'model' else 'Op'}: {op}", ""]
-        out += [f"![{name}]({name})" for name in plots.get(f"{kind}:{op}", [])] + [""]
+        if plots.get(f"{kind}:{op}"):
+            out += [f"![{name}]({name})" for name in plots[f"{kind}:{op}"]] + [""]
         for result in results:
             out += [f"### {op} {result['size']} {result['direction']}", ""]
             if result.get("error"):
