@@ -288,6 +288,8 @@ def failures(data: dict[str, object]) -> list[str]:
             if check and not check["passed"] and entry.get("role") == "imggen_fast":
                 found.append(f"{name} {provider}: correctness check FAILED (max abs error "
                              f"{check['max_abs_error']:.3g}, max rel error {check['max_rel_error']:.3g})")
+            if entry.get("peak_memory_error"):
+                found.append(f"{name} {provider}: peak memory not measured: {entry['peak_memory_error']}")
     found += [f"{regression['case']}: REGRESSION, {regression['ratio']:.2f}x the old median"
               for regression in data.get("regressions", []) if regression["regression"]]
     return found

@@ -118,6 +118,16 @@ def test_report_files_mark_a_failing_check_and_the_exit_status_says_so(synthetic
     assert "speed-up vs eager" in output and "toy_model" in output and "FAILED" in output
 
 
+def test_a_failed_memory_measurement_is_reported(synthetic, tmp_path, monkeypatch):
+    def crash(case):
+        raise RuntimeError("peak memory of toy: the measuring process exited with -9")
+
+    monkeypatch.setattr(memory, "in_fresh_process", crash)
+    monkeypatch.setattr(registry, "select", lambda mode, ops=None, models=None: synthetic_cases(True))
+    assert run_cli("--output", str(tmp_path), "--rounds", "1") == 1
+    assert "peak memory not measured: RuntimeError: peak memory of toy" in (tmp_path / "REPORT.md").read_text()
+
+
 def test_a_case_that_raises_is_reported_and_the_others_still_run(synthetic, tmp_path, monkeypatch):
     def broken():
         raise RuntimeError("kernel exploded")
