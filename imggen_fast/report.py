@@ -298,7 +298,8 @@ def failures(data: dict[str, object]) -> list[str]:
 def compare_runs(new: dict[str, object], old: dict[str, object], threshold: float) -> list[dict[str, object]]:
     """Every imggen_fast provider present in both runs: old and new medians; a regression
     when the new median exceeds the old by more than ``threshold`` (0.1: 10%)."""
-    old_medians = {(result["kind"], result["op"], result["size"], result["direction"], provider): entry["spread"]["median"]
+    old_medians = {(result["kind"], result["op"], result["size"], result["direction"], provider):
+                   entry["spread"]["median"]
                    for result in old["benchmarks"] for provider, entry in result["providers"].items()
                    if "spread" in entry}
     rows = []
@@ -343,8 +344,9 @@ def from_pytest_benchmark(raw: dict[str, object]) -> dict[str, object]:
     cpu = machine_raw.get("cpu", {}) if isinstance(machine_raw.get("cpu"), dict) else {}
     machine = {"date": raw.get("datetime", "unknown"), "cpu": cpu.get("brand_raw", machine_raw.get("processor", "?")),
                "logical_cpus": cpu.get("count", "?"), "python": machine_raw.get("python_version", "?"),
-               "git_commit": (commit.get("id", "?")[:7] + (" (with uncommitted changes)" if commit.get("dirty") else ""))
-               if commit else "?", "source": "pytest-benchmark JSON"}
+               "git_commit": (commit.get("id", "?")[:7]
+                              + (" (with uncommitted changes)" if commit.get("dirty") else "")) if commit else "?",
+               "source": "pytest-benchmark JSON"}
     data = {"format": FORMAT, "machine": machine, "mode": "pytest-benchmark", "command": None, "limits": limits,
             "interleaved": False, "benchmarks": list(groups.values()), "skipped": [], "seconds": {}}
     return add_comparisons(data)
@@ -540,17 +542,15 @@ def render_markdown(data: dict[str, object], plots: dict[str, list[str]]) -> str
                    f"(even rounds in one order, odd rounds reversed), after one untimed warm-up round; "
                    f"{_rounds_text(rounds)} timed rounds per comparison (see each table). "
                    f"Times are wall-clock on the {machine.get('device', 'cpu')} "
-                   f"({'CUDA events, synchronized' if str(machine.get('device', '')).startswith('cuda') else 'time.perf_counter'}).")
+                   f"({_clock(machine)}).")
     else:
         out.append("Rendered from a pytest-benchmark JSON file: the providers ran one after the other, not "
                    "interleaved, so slow drifts of the machine are not cancelled.")
     if limits:
         out.append(f"Limits measured in the same run: copy bandwidth {limits.get('copy_GB/s', 0):.1f} GB/s, "
                    f"fp32 matmul {limits.get('matmul_GFLOP/s', 0):.1f} GFLOP/s"
-                   + (f" (start {data['limits_at_start']['copy_GB/s']:.1f} / end {data['limits_at_end']['copy_GB/s']:.1f}"
-                      f" GB/s and {data['limits_at_start']['matmul_GFLOP/s']:.1f} / "
-                      f"{data['limits_at_end']['matmul_GFLOP/s']:.1f} GFLOP/s; the better one is used)"
-                      if "limits_at_start" in data else "") + ". The copy bandwidth is that of a 64 MiB copy, "
+                   + (_limits_drift(data) if "limits_at_start" in data else "") + ". The copy bandwidth is that "
+                   "of a 64 MiB copy, "
                    "beyond the caches: a case whose bytes fit in a cache can exceed it (its floor, a copy of the "
                    "same bytes, is timed beside it). The matmul throughput is the better of torch.mm and a 1x1 "
                    "convolution (oneDNN / cuDNN) of the same width.")
@@ -603,6 +603,16 @@ def render_markdown(data: dict[str, object], plots: dict[str, list[str]]) -> str
                     f"{ratio_text(result.get('speedup_vs_compile'))}.", "",
                     markdown_table(PROVIDER_HEADER, _provider_rows(result)), ""]
     return "\n".join(out)
+
+
+def _limits_drift(data: dict[str, object]) -> str:
+    start, end = data["limits_at_start"], data["limits_at_end"]
+    return (f" (start {start['copy_GB/s']:.1f} / end {end['copy_GB/s']:.1f} GB/s and {start['matmul_GFLOP/s']:.1f}"
+            f" / {end['matmul_GFLOP/s']:.1f} GFLOP/s; the better one is used)")
+
+
+def _clock(machine: dict[str, object]) -> str:
+    return "CUDA events, synchronized" if str(machine.get("device", "")).startswith("cuda") else "time.perf_counter"
 
 
 def _rounds_text(rounds: list[int]) -> str:
@@ -828,7 +838,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the cases run")
     parser.add_argument("--output", default="report", metavar="DIR", help="folder of REPORT.md (default: report)")
     parser.add_argument("--from-json", metavar="FILE", type=Path,
-                        help="render the report from a pytest --benchmark-json file instead of running")
+                        help="render the report from a pytest --benchmark-json file (or a results.json) "
+                             "instead of running")
     parser.add_argument("--compare", metavar="OLD.json", type=Path,
                         help="mark imggen_fast cases slower than in OLD.json (a results.json or a "
                              "pytest-benchmark JSON); exit status 1 if any")

@@ -154,7 +154,8 @@ def compare(actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Ten
         passed = passed and ratio <= 1
         if ratio >= worst_ratio:
             worst, worst_ratio = name, ratio
-        max_abs, max_rel, max_frobenius = max(max_abs, abs_error), max(max_rel, rel_error), max(max_frobenius, frobenius)
+        max_abs, max_rel = max(max_abs, abs_error), max(max_rel, rel_error)
+        max_frobenius = max(max_frobenius, frobenius)
     description = str(tolerance) if gradient_tolerance is None else f"{tolerance}; gradients {gradient_tolerance}"
     return Check(passed, max_abs, max_rel, max_frobenius, worst, description, len(expected))
 

@@ -3,8 +3,9 @@
 Providers: ``eager`` (the reference with ``torch.randn_like`` noise), ``imggen_fast``
 (the fused op making its noise in the kernel), ``compile`` (``torch.compile`` of the
 eager function), ``imggen_fast_eps`` (the fused op with ``eps`` given, so that it only
-streams memory: other work than the others', left out of the speed-ups) and ``floor_copy`` (a copy of the bytes the op must move). Sizes (batch x
-latent): from the overhead-bound 128x32 to the bandwidth-bound 256x65536 (16.8M elements).
+streams memory: other work than the others', left out of the speed-ups) and
+``floor_copy`` (a copy of the bytes the op must move). Sizes (batch x latent): from the
+overhead-bound 128x32 to the bandwidth-bound 256x65536 (16.8M elements).
 
 ``bytes_moved`` is what the op must read and write, the same for every provider of a
 case: forward reads mu and logvar and writes z; backward reads grad_z, mu and logvar and

@@ -32,8 +32,8 @@ from torch import nn
 
 from .. import data, models, patch, steps
 from .common import (COMPILE, COMPILE_IMGGEN_FAST, EAGER, EAGER_CHANNELS_LAST, IMGGEN_FAST,
-                     IMGGEN_FAST_CHANNELS_LAST, STEP, STEP_GRADIENT_TOLERANCE, Case, compare, compiled, count_flops, device,
-                     saved_bytes)
+                     IMGGEN_FAST_CHANNELS_LAST, STEP, STEP_GRADIENT_TOLERANCE, Case, compare, compiled, count_flops,
+                     device, saved_bytes)
 
 BATCH = 64
 PROVIDERS = (EAGER, EAGER_CHANNELS_LAST, IMGGEN_FAST, IMGGEN_FAST_CHANNELS_LAST, COMPILE, COMPILE_IMGGEN_FAST)
