@@ -146,6 +146,13 @@ def build(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def report(arguments: argparse.Namespace) -> int:
+    """Runs the benchmark cases and writes report/REPORT.md (see imggen_fast.report)."""
+    from . import report as report_module
+
+    return report_module.main(arguments)
+
+
 def make_parser() -> argparse.ArgumentParser:
     import torch
 
@@ -162,6 +169,12 @@ def make_parser() -> argparse.ArgumentParser:
     build_parser.add_argument("--rebuild", action="store_true",
                               help="compile from scratch, even if a verified build is cached")
     build_parser.set_defaults(run=build)
+    from .report import add_arguments as add_report_arguments
+
+    report_parser = commands.add_parser("report", help="eager vs imggen_fast vs torch.compile: REPORT.md, plots, JSON")
+    add_report_arguments(report_parser)
+    report_parser.set_defaults(run=report)
+
     from . import check_gpu
 
     check_parser = commands.add_parser("check-gpu", help="on a GPU: the cuda tests and the GPU timings, in one go")
