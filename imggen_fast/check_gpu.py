@@ -102,9 +102,11 @@ def timing_plan(mode: str) -> list[dict]:
         from .bench.registry import in_mode
     plan = []
     for (kind, name), members in names.items():
-        selected = in_mode(members, mode) if in_mode else members
+        selected, run_mode = (in_mode(members, mode), mode) if in_mode else (members, mode)
+        if not selected:  # a model step only in --full (CNN, DCGAN) is still timed on a GPU
+            selected, run_mode = members, "full"
         flag = "--models" if kind == "model" else "--ops"
-        arguments = ["--device", "cuda", flag, name, "--no-progress"] + ([f"--{mode}"] if mode != "quick" else [])
+        arguments = ["--device", "cuda", flag, name, "--no-progress"] + ([f"--{run_mode}"] if run_mode != "quick" else [])
         plan.append({"kind": kind, "name": name, "arguments": arguments, "cases": [case.id for case in selected]})
     return plan
 
