@@ -24,6 +24,9 @@
 // ATen ops instead, so double backward (gradient penalties) works; it reads the mean and
 // invstd as outputs of this op, whose gradients this backward adds.
 //
+// The arguments are checked by the kernel ops (and, before any kernel, by
+// imggen_fast.functional); the code here also runs on torch.compile's symbolic shapes.
+//
 // Autocast: none registered, on purpose. Eager's batch_norm under autocast runs in its
 // input's dtype (a bfloat16 / float16 input with float32 parameters and statistics), which
 // is what autocast's fallthrough does for these ops.
@@ -55,9 +58,6 @@ using ForwardInPlaceSignature = std::tuple<at::Tensor, at::Tensor>(
 using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
     const OptionalTensor&, const OptionalTensor&, bool, double);
-
-constexpr const char* kName = "batch_norm_leaky_relu";
-constexpr const char* kInPlaceName = "batch_norm_leaky_relu_";
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& input, const OptionalTensor& running_mean,
                                                             const OptionalTensor& running_var,
@@ -186,7 +186,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eager_gradients(
   for (int64_t dim = 0; dim < dims; ++dim) {
     if (dim != 1) reduced.push_back(dim);
   }
-  const double count = static_cast<double>(saved.size(1) ? saved.numel() / saved.size(1) : 0);
+  // Symbolic under torch.compile's dynamic shapes: the count is a SymInt there.
+  const c10::SymInt channels = saved.sym_size(1);
+  const at::Scalar count(channels == 0 ? c10::SymInt(0) : saved.sym_numel() / channels);
   const at::Tensor mean_c = along_channels(mean, dims);
   const at::Tensor invstd_c = along_channels(invstd, dims);
   const at::Tensor weight_c = weight.defined() ? along_channels(weight, dims) : at::ones_like(invstd_c);
@@ -304,7 +306,6 @@ at::Tensor batch_norm_leaky_relu_autograd(const at::Tensor& input, const Optiona
                                           const OptionalTensor& running_var, const OptionalTensor& weight,
                                           const OptionalTensor& bias, bool training, double momentum, double eps,
                                           double negative_slope) {
-  check_forward(kName, input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
   if (!needs_graph(input, weight, bias)) {
     at::Tensor output;
     {
@@ -324,8 +325,6 @@ void batch_norm_leaky_relu_in_place_autograd(const at::Tensor& input, const Opti
                                              const OptionalTensor& running_var, const OptionalTensor& weight,
                                              const OptionalTensor& bias, bool training, double momentum, double eps,
                                              double negative_slope) {
-  check_forward(kInPlaceName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
   if (!needs_graph(input, weight, bias)) {
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -338,19 +337,19 @@ void batch_norm_leaky_relu_in_place_autograd(const at::Tensor& input, const Opti
     return;
   }
   const bool from_output = recoverable_from_output(input, weight, bias, negative_slope);
+  // When the output cannot give x_hat back, the backward needs the input: a copy, taken
+  // with autograd so that a double backward reaches the input through it.
+  const OptionalTensor input_copy = from_output ? std::nullopt : OptionalTensor(input.clone());
   if (input.is_view()) {
     // Autograd rewrites the graph of a view modified in place only for a function with one
     // output; this one has three (the statistics). Computed out of place and copied in,
     // with autograd: correct, without the memory saving.
-    const at::Tensor output = BatchNormLeakyReLUFunction::apply(input, std::nullopt, running_mean, running_var, weight,
+    const at::Tensor output = BatchNormLeakyReLUFunction::apply(input, input_copy, running_mean, running_var, weight,
                                                                 bias, training, momentum, eps, negative_slope, false,
                                                                 from_output)[0];
     input.copy_(output);
     return;
   }
-  // When the output cannot give x_hat back, the backward needs the input: a copy, taken
-  // with autograd so that a double backward reaches the input through it.
-  const OptionalTensor input_copy = from_output ? std::nullopt : OptionalTensor(input.clone());
   BatchNormLeakyReLUFunction::apply(input, input_copy, running_mean, running_var, weight, bias, training, momentum,
                                     eps, negative_slope, true, from_output);
 }

@@ -326,9 +326,9 @@ def batch_norm_leaky_relu(input: torch.Tensor, running_mean: torch.Tensor | None
 
     ``overwrite_input=True`` allows the output to be written over ``input``, which the
     caller promises has no other use (a convolution's output that only this call reads);
-    it is done on CPU tensors with negative_slope > 0 when input is not a view, and the
-    returned tensor is then ``input`` itself. Autograd's version counter records the
-    change, so a backward that needs the old input raises instead of using wrong values."""
+    it is done on CPU tensors with negative_slope > 0, and the returned tensor is then
+    ``input`` itself. Autograd's version counter records the change, so a backward that
+    needs the old input raises instead of using wrong values."""
     name = "batch_norm_leaky_relu"
     training, momentum, eps, negative_slope = _check_batch_norm_arguments(
         input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope, name)

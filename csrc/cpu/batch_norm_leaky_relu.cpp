@@ -355,12 +355,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
+  // Checked here for every backend, before the Triton launcher gets the call.
+  check_forward(kForwardName, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                negative_slope);
   if (triton_chosen()) {
     return call_triton<decltype(batch_norm_leaky_relu_forward)>(kForwardName, input, running_mean, running_var,
                                                                 weight, bias, training, momentum, eps, negative_slope);
   }
-  check_forward(kForwardName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
   const Operand operand = input_operand(input);
   const Output output = output_for(input, operand);
   auto [mean, invstd] = forward_into(operand, output.written, running_mean, running_var, weight, bias, training,
@@ -374,13 +375,14 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_leaky_relu_forward_(
     const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
+  // Checked here for every backend, before the Triton launcher gets the call.
+  check_forward(kForwardInPlaceName, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                negative_slope);
   if (triton_chosen()) {
     return call_triton<decltype(batch_norm_leaky_relu_forward_)>(kForwardInPlaceName, input, running_mean,
                                                                  running_var, weight, bias, training, momentum, eps,
                                                                  negative_slope);
   }
-  check_forward(kForwardInPlaceName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
   const Operand operand = input_operand(input);
   const bool direct = operand.tensor.is_same(input);
   auto statistics = forward_into(operand, direct ? input : operand.tensor, running_mean, running_var, weight, bias,
@@ -619,11 +621,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
     const at::Tensor& grad_output, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& output,
     const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool training, double negative_slope) {
+  // Checked here for every backend, before the Triton launcher gets the call.
+  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
   if (triton_chosen()) {
     return call_triton<decltype(batch_norm_leaky_relu_backward)>(kBackwardName, grad_output, input, output, mean,
                                                                  invstd, weight, bias, training, negative_slope);
   }
-  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
   const bool from_output = output.has_value() && output->defined();
   const at::Tensor& saved_tensor = from_output ? *output : *input;
   const Operand saved = input_operand(saved_tensor);

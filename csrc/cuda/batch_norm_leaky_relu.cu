@@ -237,12 +237,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_forward(
     const at::Tensor& input, const OptionalTensor& running_mean, const OptionalTensor& running_var,
     const OptionalTensor& weight, const OptionalTensor& bias, bool training, double momentum, double eps,
     double negative_slope) {
+  // Checked here for every backend, before the Triton launcher gets the call.
+  check_forward(kForwardName, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                negative_slope);
   if (triton_chosen()) {
     return call_triton<decltype(batch_norm_leaky_relu_forward)>(kForwardName, input, running_mean, running_var,
                                                                 weight, bias, training, momentum, eps, negative_slope);
   }
-  check_forward(kForwardName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const Operand operand = input_operand(input);
   const Output output = output_for(input, operand);
@@ -256,13 +257,14 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_leaky_relu_forward_(
     const at::Tensor& input, const OptionalTensor& running_mean, const OptionalTensor& running_var,
     const OptionalTensor& weight, const OptionalTensor& bias, bool training, double momentum, double eps,
     double negative_slope) {
+  // Checked here for every backend, before the Triton launcher gets the call.
+  check_forward(kForwardInPlaceName, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                negative_slope);
   if (triton_chosen()) {
     return call_triton<decltype(batch_norm_leaky_relu_forward_)>(kForwardInPlaceName, input, running_mean,
                                                                  running_var, weight, bias, training, momentum, eps,
                                                                  negative_slope);
   }
-  check_forward(kForwardInPlaceName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const Operand operand = input_operand(input);
   const bool direct = operand.tensor.is_same(input);
@@ -426,11 +428,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
     const at::Tensor& grad_output, const OptionalTensor& input, const OptionalTensor& output, const at::Tensor& mean,
     const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias, bool training,
     double negative_slope) {
+  // Checked here for every backend, before the Triton launcher gets the call.
+  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
   if (triton_chosen()) {
     return call_triton<decltype(batch_norm_leaky_relu_backward)>(kBackwardName, grad_output, input, output, mean,
                                                                  invstd, weight, bias, training, negative_slope);
   }
-  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
   const bool from_output = output.has_value() && output->defined();
   const at::Tensor& saved_tensor = from_output ? *output : *input;
   const c10::cuda::CUDAGuard device_guard(saved_tensor.device());

@@ -30,9 +30,11 @@ Saved for backward (besides weight, bias and the per-channel mean and invstd):
   bias, or under torch.compile, whose tracing cannot read the weights): eager's memory.
 
 The in-place form is correct in every case; where the input must be kept it keeps a copy,
-so it saves memory only where the output alone is saved. ``functional`` uses it only where
-it was asked to (``overwrite_input=True``) and the output can be saved alone as far as can
-be told without reading the weights: CPU, ``negative_slope > 0``, input not a view.
+and a view is computed out of place and copied in (autograd rewrites a view's history for
+one-output functions only), so it saves memory where the output alone is saved and the
+input is not a view. ``functional`` uses it only where it was asked to
+(``overwrite_input=True``) and the output can be saved alone as far as can be told without
+reading the weights: CPU tensors, ``negative_slope > 0``.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def batch_norm_leaky_relu(input: torch.Tensor, running_mean: torch.Tensor | None
         return reference.batch_norm_leaky_relu(input, running_mean, running_var, weight, bias, training, momentum,
                                                eps, negative_slope)
     arguments = (running_mean, running_var, weight, bias, training, momentum, eps, negative_slope)
-    if overwrite_input and negative_slope > 0 and input.device.type == "cpu" and not input._is_view():
+    if overwrite_input and negative_slope > 0 and input.device.type == "cpu":
         op(IN_PLACE)(input, *arguments)
         return input
     return op(NAME)(input, *arguments)
