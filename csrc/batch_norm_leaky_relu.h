@@ -25,6 +25,7 @@
 // `acc_t` is the accumulation type: float for float/bfloat16/half storage, double for double.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 
@@ -294,6 +295,14 @@ inline void check_forward(const char* op, const at::Tensor& input, const std::op
   TORCH_CHECK(training || has_mean, op, ": running_mean and running_var are needed when training=False");
   check_per_channel(op, running_mean, "running_mean", input);
   check_per_channel(op, running_var, "running_var", input);
+  for (const auto& [statistic, name] : {std::pair<const std::optional<at::Tensor>&, const char*>{running_mean,
+                                                                                                 "running_mean"},
+                                        std::pair<const std::optional<at::Tensor>&, const char*>{running_var,
+                                                                                                 "running_var"}}) {
+    TORCH_CHECK(!training || !has_mean || at::has_internal_overlap(*statistic) != at::MemOverlap::Yes, op, ": ",
+                name, " is updated in place, so its channels must not share memory (an expanded view does); got "
+                "strides ", statistic->strides());
+  }
   check_per_channel(op, weight, "weight", input);
   check_per_channel(op, bias, "bias", input);
   const int64_t channels = input.size(1);

@@ -147,6 +147,18 @@ def test_without_affine_parameters_or_running_statistics(backend):
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_running_statistics_as_strided_and_offset_views_are_updated(backend):
+    x = torch.randn(4, 3, 5, 6)
+    with imggen_fast.set_backend(backend):
+        for make in (lambda fill: torch.full((6,), fill)[::2], lambda fill: torch.full((8,), fill)[5:]):
+            ours, theirs = (make(0.5), make(2.0)), (make(0.5), make(2.0))
+            functional.batch_norm_leaky_relu(x, *ours, None, None, True, 0.3, 1e-5, 0.2)
+            F.batch_norm(x, *theirs, None, None, True, 0.3, 1e-5)
+            torch.testing.assert_close(ours, theirs)
+            assert ours[0]._base is not None  # updated in place, in the caller's views
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_mixed_layouts_and_strided_views(backend):
     """A gapped view, a permuted (batch not outermost) input, grad_output in another layout."""
     base = torch.randn(4, 6, 5, 8, dtype=torch.float64)
@@ -163,6 +175,20 @@ def test_mixed_layouts_and_strided_views(backend):
         torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
         assert output.stride() == torch.empty_like(x).stride()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_channels(backend, training):
+    """Zero channels give empty results (eager's batch_norm raises an IndexError here when
+    its weight requires grad)."""
+    x = torch.randn(2, 0, 3, 3, requires_grad=True)
+    weight, bias = torch.rand(0, requires_grad=True), torch.randn(0, requires_grad=True)
+    with imggen_fast.set_backend(backend):
+        output = functional.batch_norm_leaky_relu(x, torch.zeros(0), torch.ones(0), weight, bias, training, 0.1,
+                                                  1e-5, 0.2)
+        grads = torch.autograd.grad(output.sum(), [x, weight, bias])
+    assert output.shape == x.shape and [grad.shape for grad in grads] == [x.shape, (0,), (0,)]
 
 
 # --- modules: momentum=None, track_running_stats=False, eval ---------------------------
@@ -554,6 +580,8 @@ BAD_DIRECT_CALLS = [
     ("batch_norm_leaky_relu_forward", _direct(bias=torch.ones(3, 1)), "bias must have shape"),
     ("batch_norm_leaky_relu_forward", _direct(running_mean=torch.zeros(5)), "running_mean must have shape"),
     ("batch_norm_leaky_relu_forward", _direct(running_var=None), "must both be tensors or both be None"),
+    ("batch_norm_leaky_relu_forward", _direct(running_var=torch.ones(1).expand(3)),
+     "running_var is updated in place, so its channels must not share memory"),
     ("batch_norm_leaky_relu_forward", _direct(running_mean=None, running_var=None, training=False),
      "needed when training=False"),
     ("batch_norm_leaky_relu_forward", _direct(weight=torch.ones(3, dtype=torch.float64)),
