@@ -621,3 +621,17 @@ def test_cuda_matches_eager(backend):
                           for name, value in inputs.items()}
                 assert_as_accurate_as_eager(inputs, True, slope)
                 assert_as_accurate_as_eager(inputs, False, slope)
+
+
+def test_benchmark_cases_run_and_time_interleaved():
+    """The benchmark cases at the smallest size run (torch.compile's aside: it compiles for
+    tens of seconds), and the interleaved timing summarizes each provider."""
+    cases = [case for case in bench.cases() if case.size == "64x512x4x4" and case.provider != bench.COMPILE]
+    assert {case.direction for case in cases} == {"forward", "backward", "both"}
+    for case in cases:
+        case.make()()
+        assert case.bytes_moved > 0
+    figures = bench.summary(bench.interleaved("batch_norm_relu", "64x512x4x4", "both", rounds=3,
+                                              providers=(bench.EAGER, bench.IMGGEN_FAST)))
+    assert figures[bench.IMGGEN_FAST]["over_imggen_fast"] == 1.0
+    assert all(figure["min_ms"] <= figure["median_ms"] for figure in figures.values())

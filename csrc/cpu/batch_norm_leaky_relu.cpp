@@ -6,6 +6,11 @@
 // is at::parallel_for over fixed blocks, with at::vec::Vectorized main loops and scalar
 // tails.
 //
+// The elementwise passes walk their part of memory backwards: each thread's reduction
+// pass has just read the same part forwards (parallel_for gives a thread the same share
+// of both index ranges), so the end of it, still in cache, is read again first. Between
+// the forward and the backward the order alternates the same way.
+//
 // Reductions are deterministic: each channel's elements are cut into blocks by the shape
 // alone (Blocks below); each block is reduced in a fixed order, and the blocks are merged
 // (statistics) or added (backward sums) in block order. The thread count only decides
@@ -246,7 +251,7 @@ void normalize_activate(const scalar_t* input, scalar_t* output, const ChannelLa
   if (inner == 1) {
     at::parallel_for(0, outer, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, channels)),
                      [&](int64_t first, int64_t last) {
-      for (int64_t row = first; row < last; ++row) {
+      for (int64_t row = last - 1; row >= first; --row) {  // backwards (see the top)
         const scalar_t* x = input + row * channels;
         scalar_t* y = output + row * channels;
         int64_t c = 0;
@@ -263,7 +268,7 @@ void normalize_activate(const scalar_t* input, scalar_t* output, const ChannelLa
   }
   at::parallel_for(0, outer * channels, std::max<int64_t>(1, kElementwiseGrain / inner), [&](int64_t first,
                                                                                            int64_t last) {
-    for (int64_t plane = first; plane < last; ++plane) {
+    for (int64_t plane = last - 1; plane >= first; --plane) {  // backwards (see the top)
       const int64_t channel = plane % channels;
       const scalar_t* x = input + plane * inner;
       scalar_t* y = output + plane * inner;
@@ -533,7 +538,7 @@ void input_gradient(const scalar_t* grad_output, const scalar_t* saved, scalar_t
   if (inner == 1) {
     at::parallel_for(0, outer, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, channels)),
                      [&](int64_t first, int64_t last) {
-      for (int64_t row = first; row < last; ++row) {
+      for (int64_t row = last - 1; row >= first; --row) {  // backwards (see the top)
         const scalar_t* g = grad_output + row * channels;
         const scalar_t* s = saved + row * channels;
         scalar_t* result = grad_input + row * channels;
@@ -554,7 +559,7 @@ void input_gradient(const scalar_t* grad_output, const scalar_t* saved, scalar_t
   }
   at::parallel_for(0, outer * channels, std::max<int64_t>(1, kElementwiseGrain / inner), [&](int64_t first,
                                                                                            int64_t last) {
-    for (int64_t plane = first; plane < last; ++plane) {
+    for (int64_t plane = last - 1; plane >= first; --plane) {  // backwards (see the top)
       const int64_t c = plane % channels;
       const scalar_t* g = grad_output + plane * inner;
       const scalar_t* s = saved + plane * inner;

@@ -2,12 +2,14 @@
 LeakyReLU(0.2) (op ``batch_norm_leaky_relu``) or ReLU (op ``batch_norm_relu``), fp32, at
 the classic DCGAN's sizes.
 
-Providers: ``eager`` (``F.batch_norm`` then the activation in place, as
+Providers, each at its best: ``eager`` (``F.batch_norm`` then the activation in place, as
 ``nn.Sequential(BatchNorm2d, LeakyReLU(inplace=True))`` runs), ``imggen_fast``
 (:func:`imggen_fast.functional.batch_norm_leaky_relu`), ``compile`` (``torch.compile`` of
-the eager function) and ``floor``: a multiply + sum of a tensor of the same size, forward
-and backward (``(x * s).sum()``: one read pass forward, one write pass backward), the
-order of what any provider must at least pay.
+the same function with the activation out of place: inductor's code for the in-place
+activation measured more than ten times slower) and ``floor``: a multiply + sum of a
+tensor of the same size, forward and backward (``(x * s).sum()``: one read pass forward,
+one write pass backward), the order of what any provider must at least pay. Gradients are
+taken with ``torch.autograd.grad`` for input, weight and bias.
 
 ``bytes_moved`` counts the passes over tensors of the input's size the op makes: forward
 3 (read x for the statistics, read x and write y), backward 5 (read grad_y and y for the
@@ -46,12 +48,14 @@ _FLOOR_PASSES = {"forward": 2, "backward": 2, "both": 4}
 
 
 def eager_batch_norm_activation(input: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                                weight: torch.Tensor, bias: torch.Tensor, negative_slope: float) -> torch.Tensor:
-    """BatchNorm in training, then the activation in place on its output, as eager users write it."""
+                                weight: torch.Tensor, bias: torch.Tensor, negative_slope: float,
+                                inplace: bool = True) -> torch.Tensor:
+    """BatchNorm in training, then the activation (in place on its output by default, as
+    eager users write it)."""
     normalized = F.batch_norm(input, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
     if negative_slope == 0:
-        return F.relu(normalized, inplace=True)
-    return F.leaky_relu(normalized, negative_slope, inplace=True)
+        return F.relu(normalized, inplace=inplace)
+    return F.leaky_relu(normalized, negative_slope, inplace=inplace)
 
 
 def _inputs(shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -70,7 +74,7 @@ def _forward(provider: str, tensors: dict[str, torch.Tensor], negative_slope: fl
         return lambda: eager_batch_norm_activation(*arguments, negative_slope)
     if provider == COMPILE:
         step = compiled(eager_batch_norm_activation)
-        return lambda: step(*arguments, negative_slope)
+        return lambda: step(*arguments, negative_slope, False)
     if provider == IMGGEN_FAST:
         return lambda: functional.batch_norm_leaky_relu(*arguments, True, MOMENTUM, EPS, negative_slope)
     if provider == FLOOR:
