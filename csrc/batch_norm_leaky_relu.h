@@ -342,4 +342,12 @@ inline void check_backward(const char* op, const at::Tensor& grad_output, const 
               ": the input cannot be recovered from the output when negative_slope is 0; pass input instead");
 }
 
+// The in-place backward writes grad_input over grad_output in the saved tensor's element
+// order: both must have the same strides, of a layout the kernels read directly.
+inline void check_in_place_gradient(const char* op, const at::Tensor& grad_output, const at::Tensor& saved) {
+  TORCH_CHECK(grad_output.strides() == saved.strides() && layout_of(saved).has_value(), op,
+              ": grad_output must have the strides of the saved tensor (contiguous or channels-last), got ",
+              grad_output.strides(), " and ", saved.strides());
+}
+
 }  // namespace imggen_fast::batch_norm_leaky_relu

@@ -18,7 +18,8 @@
 //    tracing (the weights have no values then). This is what eager's batch_norm saves.
 //
 // The backward kernel reads x_hat back from that tensor, makes one reduction pass
-// (sum(g_pre), sum(g_pre * x_hat) per channel) and one elementwise pass. With GradMode on
+// (sum(g_pre), sum(g_pre * x_hat) per channel) and one elementwise pass, writing grad_input
+// over grad_output when autograd hands grad_output over and nothing else holds it. With GradMode on
 // in backward (create_graph=True), or when the statistics' own outputs get gradients (a
 // double backward reaches them), the backward takes the eager formula in differentiable
 // ATen ops instead, so double backward (gradient penalties) works; it reads the mean and
@@ -56,6 +57,9 @@ using ForwardInPlaceSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
     bool, double, double, double);
 using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+    const OptionalTensor&, const OptionalTensor&, bool, double);
+using BackwardInPlaceSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
     const OptionalTensor&, const OptionalTensor&, bool, double);
 
@@ -224,6 +228,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eager_gradients(
   return {grad_input.to(saved.scalar_type()), sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
 }
 
+// True when the backward may write grad_input over grad_output: autograd handed it over
+// and nothing else holds it (owned_outright), and it has the saved tensor's dtype and
+// strides, of a layout the kernels read directly. The two references are the backward's
+// own `grads` and the argument list autograd's node copies it from, which the node drops
+// unread after the backward returns; a hook on the op's output, or a retained .grad,
+// holds a third.
+bool may_overwrite(const at::Tensor& grad_output, const at::Tensor& saved) {
+  return grad_output.defined() && owned_outright(grad_output, 2) && grad_output.scalar_type() == saved.scalar_type() &&
+         grad_output.sizes() == saved.sizes() && grad_output.strides() == saved.strides() &&
+         layout_of(saved).has_value();
+}
+
 class BatchNormLeakyReLUFunction : public torch::autograd::Function<BatchNormLeakyReLUFunction> {
  public:
   // input_copy: for the in-place form when the output cannot give x_hat back, a copy of
@@ -268,6 +284,7 @@ class BatchNormLeakyReLUFunction : public torch::autograd::Function<BatchNormLea
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = imggen_fast_op<BackwardSignature>("batch_norm_leaky_relu_backward");
+    static const auto in_place = imggen_fast_op<BackwardInPlaceSignature>("batch_norm_leaky_relu_backward_");
     const auto backend_choice = backend_choice_of(ctx);
     const auto saved = ctx->get_saved_variables();
     const bool training = ctx->saved_data["training"].toBool();
@@ -283,10 +300,19 @@ class BatchNormLeakyReLUFunction : public torch::autograd::Function<BatchNormLea
           eager_gradients(grads[0], grads[1], grads[2], saved[0], from_output, saved[1], saved[2], saved[3], saved[4],
                           training, negative_slope);
     } else {
-      std::tie(grad_input, grad_weight, grad_bias) =
-          op.call(grads[0], from_output ? std::nullopt : OptionalTensor(saved[0]),
-                  from_output ? OptionalTensor(saved[0]) : std::nullopt, saved[3], saved[4], defined_or_none(saved[1]),
-                  defined_or_none(saved[2]), training, negative_slope);
+      const OptionalTensor input = from_output ? std::nullopt : OptionalTensor(saved[0]);
+      const OptionalTensor output = from_output ? OptionalTensor(saved[0]) : std::nullopt;
+      if (may_overwrite(grads[0], saved[0])) {
+        // grad_input over grad_output: no fresh buffer of the input's size to fault in.
+        std::tie(grad_weight, grad_bias) = in_place.call(grads[0], input, output, saved[3], saved[4],
+                                                         defined_or_none(saved[1]), defined_or_none(saved[2]),
+                                                         training, negative_slope);
+        grad_input = grads[0];
+      } else {
+        std::tie(grad_input, grad_weight, grad_bias) =
+            op.call(grads[0], input, output, saved[3], saved[4], defined_or_none(saved[1]), defined_or_none(saved[2]),
+                    training, negative_slope);
+      }
     }
     const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
     const int64_t bias_edge = ctx->saved_data["bias_edge"].toInt();

@@ -85,6 +85,11 @@ TORCH_LIBRARY(imggen_fast, m) {
   m.def("batch_norm_leaky_relu_backward(Tensor grad_output, Tensor? input, Tensor? output, Tensor mean, "
         "Tensor invstd, Tensor? weight, Tensor? bias, bool training, float negative_slope) "
         "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The same writing grad_input over grad_output (the saved tensor's strides), returning
+  // (grad_weight, grad_bias): the backward uses it when nothing else holds grad_output.
+  m.def("batch_norm_leaky_relu_backward_(Tensor(a!) grad_output, Tensor? input, Tensor? output, Tensor mean, "
+        "Tensor invstd, Tensor? weight, Tensor? bias, bool training, float negative_slope) "
+        "-> (Tensor grad_weight, Tensor grad_bias)");
 
   // --- The calling thread's backend choice (csrc/backend.h), set by imggen_fast.backends.
   m.def("_set_triton_chosen(bool chosen) -> ()");

@@ -267,14 +267,11 @@ def batch_norm_leaky_relu_forward_(input, running_mean, running_var, weight, bia
     return statistics
 
 
-def batch_norm_leaky_relu_backward(grad_output, input, output, mean, invstd, weight, bias, training, negative_slope):
-    """(grad_input, grad_weight, grad_bias), x_hat read from ``input`` or recovered from ``output``."""
-    from_output = output is not None
-    saved = output if from_output else input
-    source, (outer, channels, inner) = operand(saved)
-    grad = grad_output if grad_output.stride() == source.stride() else torch.empty_like(source).copy_(grad_output)
-    result = torch.empty_like(saved)
-    grad_input = _output_for(result, source)
+def _backward_into(grad, source, layout, grad_input, from_output, mean, invstd, weight, bias, training,
+                   negative_slope):
+    """Both backward passes; grad and grad_input (which may be grad) have source's strides.
+    Returns (grad_weight, grad_bias)."""
+    outer, channels, inner = layout
     accumulator = _accumulator(source.dtype)
     count = outer * inner
     weights = _channel_values(weight, channels, 1.0, source, accumulator)
@@ -311,10 +308,32 @@ def batch_norm_leaky_relu_backward(grad_output, input, output, mean, invstd, wei
     if numel:
         input_gradient_kernel[flat_grid(numel)](grad, source, grad_input, scale, shift, k, p, q, numel, channels,
                                                 inner, slope, inverse_slope, FROM_OUTPUT=from_output)
+    parameter_dtype = weight.dtype if weight is not None else accumulator
+    return sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)
+
+
+def batch_norm_leaky_relu_backward(grad_output, input, output, mean, invstd, weight, bias, training, negative_slope):
+    """(grad_input, grad_weight, grad_bias), x_hat read from ``input`` or recovered from ``output``."""
+    saved = output if output is not None else input
+    source, layout = operand(saved)
+    grad = grad_output if grad_output.stride() == source.stride() else torch.empty_like(source).copy_(grad_output)
+    result = torch.empty_like(saved)
+    grad_input = _output_for(result, source)
+    gradients = _backward_into(grad, source, layout, grad_input, output is not None, mean, invstd, weight, bias,
+                               training, negative_slope)
     if grad_input is not result:
         result.copy_(grad_input)
-    parameter_dtype = weight.dtype if weight is not None else accumulator
-    return result, sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)
+    return result, *gradients
+
+
+def batch_norm_leaky_relu_backward_(grad_output, input, output, mean, invstd, weight, bias, training,
+                                    negative_slope):
+    """The same writing grad_input over grad_output (the saved tensor's strides, checked by
+    the C++ entry): returns (grad_weight, grad_bias)."""
+    saved = output if output is not None else input
+    source, layout = operand(saved)
+    return _backward_into(grad_output, source, layout, grad_output, output is not None, mean, invstd, weight, bias,
+                          training, negative_slope)
 
 
 # The launchers, by the name of the op they implement (imggen_fast/ops/_registration.py).
@@ -322,6 +341,7 @@ LAUNCHERS = {
     "batch_norm_leaky_relu_forward": batch_norm_leaky_relu_forward,
     "batch_norm_leaky_relu_forward_": batch_norm_leaky_relu_forward_,
     "batch_norm_leaky_relu_backward": batch_norm_leaky_relu_backward,
+    "batch_norm_leaky_relu_backward_": batch_norm_leaky_relu_backward_,
 }
 
 _REDUCTION_SIGNATURE = {"count": "i64", "channels": "i64", "inner": "i64"}

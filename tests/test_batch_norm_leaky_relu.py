@@ -357,6 +357,37 @@ def test_the_dcgan_discriminator_keeps_less_than_eager_and_the_generator_no_more
     assert figures["generator"][1] <= figures["generator"][0]
 
 
+def allocations_of(nbytes, function):
+    """How many buffers of exactly ``nbytes`` torch's CPU allocator hands out while ``function()`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    return sum(1 for event in profiler.profiler.kineto_results.events()
+               if event.name() == "[memory]" and event.nbytes() == nbytes)
+
+
+def test_backward_writes_over_a_gradient_nothing_else_holds():
+    """In a chain, the gradient reaching the op is autograd's alone: the op's input gradient
+    is written over it instead of a fresh buffer, with eager's values. A hook on the op's
+    output holds that gradient too: then it is left alone, and one more buffer is made."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    weights = torch.linspace(-1, 1, x.numel()).view_as(x)
+    expected_output = eager(x * 2.0, None, None, None, None, True, 0.1, 1e-5, 0.2)
+    (expected,) = torch.autograd.grad((expected_output * 3.0 * weights).sum(), x)
+    counts = []
+    for hooked in (False, True):
+        output = functional.batch_norm_leaky_relu(x * 2.0, None, None, None, None, True, 0.1, 1e-5, 0.2)
+        if hooked:
+            output.register_hook(lambda grad: None)
+        loss = (output * 3.0 * weights).sum()
+        grads = []
+        counts.append(allocations_of(x.nbytes, lambda: grads.extend(torch.autograd.grad(loss, x))))
+        torch.testing.assert_close(grads[0], expected)
+    assert counts[1] == counts[0] + 1
+
+
 # --- the in-place forward ------------------------------------------------------------------
 
 
@@ -471,6 +502,8 @@ def op_samples():
                 grad_output = inputs["grad_output"].float()
                 samples.append(("batch_norm_leaky_relu_backward",
                                 (grad_output, x, None, mean, invstd, *rest[2:], training, slope)))
+                samples.append(("batch_norm_leaky_relu_backward_",
+                                (grad_output.clone(), x, None, mean, invstd, *rest[2:], training, slope)))
                 if slope:
                     samples.append(("batch_norm_leaky_relu_backward",
                                     (grad_output, None, output, mean, invstd, *rest[2:], training, slope)))
@@ -598,6 +631,8 @@ BAD_DIRECT_CALLS = [
     ("batch_norm_leaky_relu_backward", _backward(grad_output=torch.randn(4, 3, 2)), "grad_output shape"),
     ("batch_norm_leaky_relu_backward", _backward(mean=torch.zeros(3, dtype=torch.float64)), "mean must be a .C,."),
     ("batch_norm_leaky_relu_backward", _backward(invstd=torch.ones(2)), "invstd must be a .C,."),
+    ("batch_norm_leaky_relu_backward_", _backward(grad_output=torch.randn(4, 2, 2, 3).transpose(1, 3)),
+     "grad_output must have the strides of the saved tensor"),
 ]
 
 

@@ -37,6 +37,7 @@ using namespace batch_norm_leaky_relu;  // the host helpers shared with the CUDA
 constexpr const char* kForwardName = "batch_norm_leaky_relu_forward";
 constexpr const char* kForwardInPlaceName = "batch_norm_leaky_relu_forward_";
 constexpr const char* kBackwardName = "batch_norm_leaky_relu_backward";
+constexpr const char* kBackwardInPlaceName = "batch_norm_leaky_relu_backward_";
 
 // Elements of one channel per block when channels are not innermost: small enough that a
 // block stays in L1 between the two passes of its statistics (16 KiB in fp32).
@@ -622,21 +623,13 @@ void backward_sweeps(const at::Tensor& grad_output, const Operand& saved, const 
                                         channel, slope, inverse_slope);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& output,
-    const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double negative_slope) {
-  // Checked here for every backend, before the Triton launcher gets the call.
-  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_backward)>(kBackwardName, grad_output, input, output, mean,
-                                                                 invstd, weight, bias, training, negative_slope);
-  }
-  const bool from_output = output.has_value() && output->defined();
-  const at::Tensor& saved_tensor = from_output ? *output : *input;
-  const Operand saved = input_operand(saved_tensor);
-  const at::Tensor grad_dense = in_layout_of(grad_output, saved.tensor);
-  const Output grad_input = output_for(saved_tensor, saved);
+// Both backward passes on prepared operands: grad_dense has the saved operand's strides,
+// and grad_input (which may be grad_dense itself) too. Returns (grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor> backward_into(const at::Tensor& grad_dense, const Operand& saved, bool from_output,
+                                                 const at::Tensor& grad_input, const at::Tensor& mean,
+                                                 const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                                                 const std::optional<at::Tensor>& bias, bool training,
+                                                 double negative_slope) {
   const int64_t channels = saved.layout.channels;
   const auto accumulation = saved.tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor sum_g = at::empty({channels}, saved.tensor.options().dtype(accumulation));
@@ -657,12 +650,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
       channel.value_shift[c] = normalized.value_shift;
     }
     (from_output ? backward_sweeps<scalar_t, true> : backward_sweeps<scalar_t, false>)(
-        grad_dense, saved, grad_input.written, channel, weights, invstds, training, negative_slope,
+        grad_dense, saved, grad_input, channel, weights, invstds, training, negative_slope,
         sum_g.mutable_data_ptr<acc_t>(), sum_gx.mutable_data_ptr<acc_t>());
   });
-  finish_output(grad_input);
   const auto parameter_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : accumulation;
-  return {grad_input.result, sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
+  return {sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& output,
+    const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool training, double negative_slope) {
+  // Checked here for every backend, before the Triton launcher gets the call.
+  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
+  if (triton_chosen()) {
+    return call_triton<decltype(batch_norm_leaky_relu_backward)>(kBackwardName, grad_output, input, output, mean,
+                                                                 invstd, weight, bias, training, negative_slope);
+  }
+  const bool from_output = output.has_value() && output->defined();
+  const at::Tensor& saved_tensor = from_output ? *output : *input;
+  const Operand saved = input_operand(saved_tensor);
+  const Output grad_input = output_for(saved_tensor, saved);
+  auto [grad_weight, grad_bias] = backward_into(in_layout_of(grad_output, saved.tensor), saved, from_output,
+                                                grad_input.written, mean, invstd, weight, bias, training,
+                                                negative_slope);
+  finish_output(grad_input);
+  return {grad_input.result, grad_weight, grad_bias};
+}
+
+// The same, writing grad_input over grad_output (which must have the saved tensor's
+// strides, contiguous or channels-last): the autograd backward uses it when it owns
+// grad_output outright. Returns (grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor> batch_norm_leaky_relu_backward_(
+    const at::Tensor& grad_output, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& output,
+    const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool training, double negative_slope) {
+  check_backward(kBackwardInPlaceName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
+  const bool from_output = output.has_value() && output->defined();
+  const at::Tensor& saved_tensor = from_output ? *output : *input;
+  check_in_place_gradient(kBackwardInPlaceName, grad_output, saved_tensor);
+  if (triton_chosen()) {
+    return call_triton<decltype(batch_norm_leaky_relu_backward_)>(kBackwardInPlaceName, grad_output, input, output,
+                                                                  mean, invstd, weight, bias, training,
+                                                                  negative_slope);
+  }
+  return backward_into(grad_output, input_operand(saved_tensor), from_output, grad_output, mean, invstd, weight, bias,
+                       training, negative_slope);
 }
 
 }  // namespace
@@ -671,6 +704,7 @@ TORCH_LIBRARY_IMPL(imggen_fast, CPU, m) {
   m.impl("batch_norm_leaky_relu_forward", &batch_norm_leaky_relu_forward);
   m.impl("batch_norm_leaky_relu_forward_", &batch_norm_leaky_relu_forward_);
   m.impl("batch_norm_leaky_relu_backward", &batch_norm_leaky_relu_backward);
+  m.impl("batch_norm_leaky_relu_backward_", &batch_norm_leaky_relu_backward_);
 }
 
 }  // namespace imggen_fast::cpu

@@ -34,6 +34,7 @@ using OptionalTensor = std::optional<at::Tensor>;
 constexpr const char* kForwardName = "batch_norm_leaky_relu_forward";
 constexpr const char* kForwardInPlaceName = "batch_norm_leaky_relu_forward_";
 constexpr const char* kBackwardName = "batch_norm_leaky_relu_backward";
+constexpr const char* kBackwardInPlaceName = "batch_norm_leaky_relu_backward_";
 
 // Elements of one channel per reduction block: fixed, so the partial sums, and the
 // results' bits, depend on the shape alone.
@@ -424,22 +425,12 @@ void backward_passes(const at::Tensor& grad_output, const Operand& saved, const 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
-    const at::Tensor& grad_output, const OptionalTensor& input, const OptionalTensor& output, const at::Tensor& mean,
-    const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias, bool training,
-    double negative_slope) {
-  // Checked here for every backend, before the Triton launcher gets the call.
-  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_backward)>(kBackwardName, grad_output, input, output, mean,
-                                                                 invstd, weight, bias, training, negative_slope);
-  }
-  const bool from_output = output.has_value() && output->defined();
-  const at::Tensor& saved_tensor = from_output ? *output : *input;
-  const c10::cuda::CUDAGuard device_guard(saved_tensor.device());
-  const Operand saved = input_operand(saved_tensor);
-  const at::Tensor grad_dense = in_layout_of(grad_output, saved.tensor);
-  const Output grad_input = output_for(saved_tensor, saved);
+// Both backward passes on prepared operands: grad_dense has the saved operand's strides,
+// and grad_input (which may be grad_dense itself) too. Returns (grad_weight, grad_bias).
+std::tuple<at::Tensor, at::Tensor> backward_into(const at::Tensor& grad_dense, const Operand& saved, bool from_output,
+                                                 const at::Tensor& grad_input, const at::Tensor& mean,
+                                                 const at::Tensor& invstd, const OptionalTensor& weight,
+                                                 const OptionalTensor& bias, bool training, double negative_slope) {
   const int64_t channels = saved.layout.channels;
   const auto accumulation = saved.tensor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = saved.tensor.options().dtype(accumulation);
@@ -447,7 +438,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
   at::Tensor sum_gx = at::zeros({channels}, options);
   const auto parameter_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : accumulation;
   if (channels == 0) {
-    return {grad_input.result, sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
+    return {sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
   }
   const at::Tensor mean_acc = accumulation_vector(mean, accumulation);
   const at::Tensor invstd_acc = accumulation_vector(invstd, accumulation);
@@ -465,11 +456,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
         pointer_or_null<acc_t>(bias_acc), coefficients.mutable_data_ptr<acc_t>(), channels, from_output);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     (from_output ? backward_passes<scalar_t, true> : backward_passes<scalar_t, false>)(
-        grad_dense, saved, grad_input.written, coefficients, weight_acc, invstd_acc, sum_g, sum_gx, training,
-        negative_slope);
+        grad_dense, saved, grad_input, coefficients, weight_acc, invstd_acc, sum_g, sum_gx, training, negative_slope);
   });
+  return {sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
+    const at::Tensor& grad_output, const OptionalTensor& input, const OptionalTensor& output, const at::Tensor& mean,
+    const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias, bool training,
+    double negative_slope) {
+  // Checked here for every backend, before the Triton launcher gets the call.
+  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
+  if (triton_chosen()) {
+    return call_triton<decltype(batch_norm_leaky_relu_backward)>(kBackwardName, grad_output, input, output, mean,
+                                                                 invstd, weight, bias, training, negative_slope);
+  }
+  const bool from_output = output.has_value() && output->defined();
+  const at::Tensor& saved_tensor = from_output ? *output : *input;
+  const c10::cuda::CUDAGuard device_guard(saved_tensor.device());
+  const Operand saved = input_operand(saved_tensor);
+  const Output grad_input = output_for(saved_tensor, saved);
+  auto [grad_weight, grad_bias] = backward_into(in_layout_of(grad_output, saved.tensor), saved, from_output,
+                                                grad_input.written, mean, invstd, weight, bias, training,
+                                                negative_slope);
   finish_output(grad_input);
-  return {grad_input.result, sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
+  return {grad_input.result, grad_weight, grad_bias};
+}
+
+// The same, writing grad_input over grad_output (the saved tensor's strides).
+std::tuple<at::Tensor, at::Tensor> batch_norm_leaky_relu_backward_(
+    const at::Tensor& grad_output, const OptionalTensor& input, const OptionalTensor& output, const at::Tensor& mean,
+    const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias, bool training,
+    double negative_slope) {
+  check_backward(kBackwardInPlaceName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
+  const bool from_output = output.has_value() && output->defined();
+  const at::Tensor& saved_tensor = from_output ? *output : *input;
+  check_in_place_gradient(kBackwardInPlaceName, grad_output, saved_tensor);
+  if (triton_chosen()) {
+    return call_triton<decltype(batch_norm_leaky_relu_backward_)>(kBackwardInPlaceName, grad_output, input, output,
+                                                                  mean, invstd, weight, bias, training,
+                                                                  negative_slope);
+  }
+  const c10::cuda::CUDAGuard device_guard(saved_tensor.device());
+  return backward_into(grad_output, input_operand(saved_tensor), from_output, grad_output, mean, invstd, weight, bias,
+                       training, negative_slope);
 }
 
 }  // namespace
@@ -478,6 +508,7 @@ TORCH_LIBRARY_IMPL(imggen_fast, CUDA, m) {
   m.impl("batch_norm_leaky_relu_forward", &batch_norm_leaky_relu_forward);
   m.impl("batch_norm_leaky_relu_forward_", &batch_norm_leaky_relu_forward_);
   m.impl("batch_norm_leaky_relu_backward", &batch_norm_leaky_relu_backward);
+  m.impl("batch_norm_leaky_relu_backward_", &batch_norm_leaky_relu_backward_);
 }
 
 }  // namespace imggen_fast::cuda

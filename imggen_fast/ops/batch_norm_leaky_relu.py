@@ -17,7 +17,9 @@ over ``input``.
 ``batch_norm_leaky_relu_backward(grad_output, input, output, mean, invstd, weight, bias,
 training, negative_slope) -> (grad_input, grad_weight, grad_bias)``: one reduction pass and
 one elementwise pass, x_hat read from ``input`` or, when only ``output`` is given, recovered
-from the activated output (InPlace-ABN).
+from the activated output (InPlace-ABN). ``batch_norm_leaky_relu_backward_(...) ->
+(grad_weight, grad_bias)`` writes grad_input over ``grad_output``; the autograd backward
+uses it when autograd hands grad_output over and nothing else holds it.
 
 Saved for backward (besides weight, bias and the per-channel mean and invstd):
 
@@ -49,6 +51,7 @@ IN_PLACE = "batch_norm_leaky_relu_"
 FORWARD = "batch_norm_leaky_relu_forward"
 FORWARD_IN_PLACE = "batch_norm_leaky_relu_forward_"
 BACKWARD = "batch_norm_leaky_relu_backward"
+BACKWARD_IN_PLACE = "batch_norm_leaky_relu_backward_"
 
 
 def _statistics_like(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,11 +60,19 @@ def _statistics_like(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return input.new_empty(input.shape[1], dtype=dtype), input.new_empty(input.shape[1], dtype=dtype)
 
 
+def _parameter_gradients_like(saved: torch.Tensor, weight: torch.Tensor | None,
+                              mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = weight.dtype if weight is not None else mean.dtype
+    return saved.new_empty(saved.shape[1], dtype=dtype), saved.new_empty(saved.shape[1], dtype=dtype)
+
+
 def _backward_fake(grad_output, input, output, mean, invstd, weight, bias, training, negative_slope):
     saved = input if input is not None else output
-    parameter_dtype = weight.dtype if weight is not None else mean.dtype
-    return (torch.empty_like(saved), saved.new_empty(saved.shape[1], dtype=parameter_dtype),
-            saved.new_empty(saved.shape[1], dtype=parameter_dtype))
+    return torch.empty_like(saved), *_parameter_gradients_like(saved, weight, mean)
+
+
+def _backward_in_place_fake(grad_output, input, output, mean, invstd, weight, bias, training, negative_slope):
+    return _parameter_gradients_like(input if input is not None else output, weight, mean)
 
 
 register_fake(NAME, lambda input, *arguments: torch.empty_like(input))
@@ -69,6 +80,7 @@ register_fake(IN_PLACE, lambda input, *arguments: None)
 register_fake(FORWARD, lambda input, *arguments: (torch.empty_like(input), *_statistics_like(input)))
 register_fake(FORWARD_IN_PLACE, lambda input, *arguments: _statistics_like(input))
 register_fake(BACKWARD, _backward_fake)
+register_fake(BACKWARD_IN_PLACE, _backward_in_place_fake)
 
 
 def batch_norm_leaky_relu(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
