@@ -502,8 +502,9 @@ def op_samples():
                 grad_output = inputs["grad_output"].float()
                 samples.append(("batch_norm_leaky_relu_backward",
                                 (grad_output, x, None, mean, invstd, *rest[2:], training, slope)))
-                samples.append(("batch_norm_leaky_relu_backward_",
-                                (grad_output.clone(), x, None, mean, invstd, *rest[2:], training, slope)))
+                samples.append(("batch_norm_leaky_relu_backward_",  # grad_output in x's strides
+                                (torch.empty_like(x).copy_(grad_output), x, None, mean, invstd, *rest[2:], training,
+                                 slope)))
                 if slope:
                     samples.append(("batch_norm_leaky_relu_backward",
                                     (grad_output, None, output, mean, invstd, *rest[2:], training, slope)))
