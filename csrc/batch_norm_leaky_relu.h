@@ -28,11 +28,15 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
+#include "backend.h"
 #include "host_device.h"
 #include "layout.h"
 #include "leaky_relu.h"
@@ -181,6 +185,26 @@ IMGGEN_FAST_HOST_DEVICE SavedValue<acc_t> read_saved(bool from_output, acc_t sav
 }  // namespace imggen_fast::math
 
 namespace imggen_fast::batch_norm_leaky_relu {
+
+using OptionalTensor = std::optional<at::Tensor>;
+
+// The kernel ops' names and signatures (csrc/registration.cpp).
+constexpr const char* kForwardName = "batch_norm_leaky_relu_forward";
+constexpr const char* kForwardInPlaceName = "batch_norm_leaky_relu_forward_";
+constexpr const char* kBackwardName = "batch_norm_leaky_relu_backward";
+constexpr const char* kBackwardInPlaceName = "batch_norm_leaky_relu_backward_";
+using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+    bool, double, double, double);
+using ForwardInPlaceSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+    bool, double, double, double);
+using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+    const OptionalTensor&, const OptionalTensor&, bool, double);
+using BackwardInPlaceSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
+    const OptionalTensor&, const OptionalTensor&, bool, double);
 
 // The input seen as (outer, channels, inner) (see the top of this file), and the tensor
 // the kernels read: the input itself when it is contiguous or channels-last, else a copy
@@ -348,6 +372,113 @@ inline void check_in_place_gradient(const char* op, const at::Tensor& grad_outpu
   TORCH_CHECK(grad_output.strides() == saved.strides() && layout_of(saved).has_value(), op,
               ": grad_output must have the strides of the saved tensor (contiguous or channels-last), got ",
               grad_output.strides(), " and ", saved.strides());
+}
+
+// The kernel ops' entries, written once for every device (the host wrapper of DESIGN.md):
+// the checks, the hand-over to the Triton launcher when the Triton backend is chosen
+// (checked first, so every backend gives the same errors), the device guard and the
+// operand preparation; `Passes` is the device's kernels (CpuPasses, CudaPasses):
+//   static std::tuple<Tensor, Tensor> forward_into(const Operand& input, const Tensor& output,
+//       running_mean, running_var, weight, bias, training, momentum, eps, negative_slope)
+//     -> (mean, invstd), writing output (which may be input.tensor);
+//   static std::tuple<Tensor, Tensor> backward_into(const Tensor& grad_output, const Operand& saved,
+//       bool from_output, const Tensor& grad_input, mean, invstd, weight, bias, training,
+//       negative_slope) -> (grad_weight, grad_bias), grad_output and grad_input (which may be
+//       grad_output) in the saved operand's strides.
+template <typename Passes>
+struct KernelEntries {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
+                                                                const OptionalTensor& running_mean,
+                                                                const OptionalTensor& running_var,
+                                                                const OptionalTensor& weight, const OptionalTensor& bias,
+                                                                bool training, double momentum, double eps,
+                                                                double negative_slope) {
+    check_forward(kForwardName, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                  negative_slope);
+    if (triton_chosen()) {
+      return call_triton<ForwardSignature>(kForwardName, input, running_mean, running_var, weight, bias, training,
+                                           momentum, eps, negative_slope);
+    }
+    const c10::DeviceGuard device_guard(input.device());
+    const Operand operand = input_operand(input);
+    const Output output = output_for(input, operand);
+    auto [mean, invstd] = Passes::forward_into(operand, output.written, running_mean, running_var, weight, bias,
+                                               training, momentum, eps, negative_slope);
+    finish_output(output);
+    return {output.result, mean, invstd};
+  }
+
+  // The same, writing the output over input.
+  static std::tuple<at::Tensor, at::Tensor> forward_(const at::Tensor& input, const OptionalTensor& running_mean,
+                                                     const OptionalTensor& running_var, const OptionalTensor& weight,
+                                                     const OptionalTensor& bias, bool training, double momentum,
+                                                     double eps, double negative_slope) {
+    check_forward(kForwardInPlaceName, input, running_mean, running_var, weight, bias, training, momentum, eps,
+                  negative_slope);
+    if (triton_chosen()) {
+      return call_triton<ForwardInPlaceSignature>(kForwardInPlaceName, input, running_mean, running_var, weight,
+                                                  bias, training, momentum, eps, negative_slope);
+    }
+    const c10::DeviceGuard device_guard(input.device());
+    const Operand operand = input_operand(input);
+    auto statistics = Passes::forward_into(operand, operand.tensor, running_mean, running_var, weight, bias, training,
+                                           momentum, eps, negative_slope);
+    if (!operand.tensor.is_same(input)) {
+      input.copy_(operand.tensor);  // a layout the kernels do not read: computed in a copy
+    }
+    return statistics;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_output, const OptionalTensor& input, const OptionalTensor& output, const at::Tensor& mean,
+      const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias, bool training,
+      double negative_slope) {
+    check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
+    if (triton_chosen()) {
+      return call_triton<BackwardSignature>(kBackwardName, grad_output, input, output, mean, invstd, weight, bias,
+                                            training, negative_slope);
+    }
+    const bool from_output = output.has_value() && output->defined();
+    const at::Tensor& saved_tensor = from_output ? *output : *input;
+    const c10::DeviceGuard device_guard(saved_tensor.device());
+    const Operand saved = input_operand(saved_tensor);
+    const Output grad_input = output_for(saved_tensor, saved);
+    auto [grad_weight, grad_bias] =
+        Passes::backward_into(in_layout_of(grad_output, saved.tensor), saved, from_output, grad_input.written, mean,
+                              invstd, weight, bias, training, negative_slope);
+    finish_output(grad_input);
+    return {grad_input.result, grad_weight, grad_bias};
+  }
+
+  // The same, writing grad_input over grad_output (which must have the saved tensor's
+  // strides, contiguous or channels-last): the autograd backward uses it when it owns
+  // grad_output outright. Returns (grad_weight, grad_bias).
+  static std::tuple<at::Tensor, at::Tensor> backward_(const at::Tensor& grad_output, const OptionalTensor& input,
+                                                      const OptionalTensor& output, const at::Tensor& mean,
+                                                      const at::Tensor& invstd, const OptionalTensor& weight,
+                                                      const OptionalTensor& bias, bool training,
+                                                      double negative_slope) {
+    check_backward(kBackwardInPlaceName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
+    const bool from_output = output.has_value() && output->defined();
+    const at::Tensor& saved_tensor = from_output ? *output : *input;
+    check_in_place_gradient(kBackwardInPlaceName, grad_output, saved_tensor);
+    if (triton_chosen()) {
+      return call_triton<BackwardInPlaceSignature>(kBackwardInPlaceName, grad_output, input, output, mean, invstd,
+                                                   weight, bias, training, negative_slope);
+    }
+    const c10::DeviceGuard device_guard(saved_tensor.device());
+    return Passes::backward_into(grad_output, input_operand(saved_tensor), from_output, grad_output, mean, invstd,
+                                 weight, bias, training, negative_slope);
+  }
+};
+
+// Registers the entries as the kernels of one device (inside its TORCH_LIBRARY_IMPL).
+template <typename Passes>
+void register_kernels(torch::Library& library) {
+  library.impl(kForwardName, &KernelEntries<Passes>::forward);
+  library.impl(kForwardInPlaceName, &KernelEntries<Passes>::forward_);
+  library.impl(kBackwardName, &KernelEntries<Passes>::backward);
+  library.impl(kBackwardInPlaceName, &KernelEntries<Passes>::backward_);
 }
 
 }  // namespace imggen_fast::batch_norm_leaky_relu

@@ -47,28 +47,14 @@
 namespace imggen_fast {
 namespace {
 
-using namespace batch_norm_leaky_relu;
-using OptionalTensor = std::optional<at::Tensor>;
-
-using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
-    bool, double, double, double);
-using ForwardInPlaceSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
-    bool, double, double, double);
-using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
-    const OptionalTensor&, const OptionalTensor&, bool, double);
-using BackwardInPlaceSignature = std::tuple<at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const at::Tensor&, const at::Tensor&,
-    const OptionalTensor&, const OptionalTensor&, bool, double);
+using namespace batch_norm_leaky_relu;  // the kernel ops' names and signatures
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_forward(const at::Tensor& input, const OptionalTensor& running_mean,
                                                             const OptionalTensor& running_var,
                                                             const OptionalTensor& weight, const OptionalTensor& bias,
                                                             bool training, double momentum, double eps,
                                                             double negative_slope) {
-  static const auto op = imggen_fast_op<ForwardSignature>("batch_norm_leaky_relu_forward");
+  static const auto op = imggen_fast_op<ForwardSignature>(kForwardName);
   return op.call(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
 }
 
@@ -77,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> call_forward_in_place(const at::Tensor& input
                                                          const OptionalTensor& weight, const OptionalTensor& bias,
                                                          bool training, double momentum, double eps,
                                                          double negative_slope) {
-  static const auto op = imggen_fast_op<ForwardInPlaceSignature>("batch_norm_leaky_relu_forward_");
+  static const auto op = imggen_fast_op<ForwardInPlaceSignature>(kForwardInPlaceName);
   return op.call(input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope);
 }
 
@@ -283,8 +269,8 @@ class BatchNormLeakyReLUFunction : public torch::autograd::Function<BatchNormLea
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = imggen_fast_op<BackwardSignature>("batch_norm_leaky_relu_backward");
-    static const auto in_place = imggen_fast_op<BackwardInPlaceSignature>("batch_norm_leaky_relu_backward_");
+    static const auto op = imggen_fast_op<BackwardSignature>(kBackwardName);
+    static const auto in_place = imggen_fast_op<BackwardInPlaceSignature>(kBackwardInPlaceName);
     const auto backend_choice = backend_choice_of(ctx);
     const auto saved = ctx->get_saved_variables();
     const bool training = ctx->saved_data["training"].toBool();

@@ -34,10 +34,6 @@ namespace {
 
 using namespace batch_norm_leaky_relu;  // the host helpers shared with the CUDA kernels
 
-constexpr const char* kForwardName = "batch_norm_leaky_relu_forward";
-constexpr const char* kForwardInPlaceName = "batch_norm_leaky_relu_forward_";
-constexpr const char* kBackwardName = "batch_norm_leaky_relu_backward";
-constexpr const char* kBackwardInPlaceName = "batch_norm_leaky_relu_backward_";
 
 // Elements of one channel per block when channels are not innermost: small enough that a
 // block stays in L1 between the two passes of its statistics (16 KiB in fp32).
@@ -115,6 +111,53 @@ acc_t horizontal_sum(const at::vec::Vectorized<acc_t>& values) {
   return at::vec::vec_reduce_all<acc_t>([](auto& a, auto& b) { return a + b; }, values);
 }
 
+// Runs a reduction over every block: with channels innermost, `rows(block)` for each block
+// (its rows, all channels at once); else `channel_block(block, channel)` for each
+// (block, channel) task. Blocks, then tasks, are spread over the threads in contiguous runs.
+template <typename Rows, typename ChannelBlock>
+void for_each_block(const Blocks& blocks, const Rows& rows, const ChannelBlock& channel_block) {
+  const int64_t channels = blocks.layout.channels;
+  if (blocks.layout.inner == 1) {
+    at::parallel_for(0, blocks.count, blocks.grain(blocks.planes_per_block * channels),
+                     [&](int64_t first, int64_t last) {
+                       for (int64_t block = first; block < last; ++block) rows(block);
+                     });
+    return;
+  }
+  at::parallel_for(0, blocks.count * channels, blocks.grain(blocks.planes_per_block * blocks.segment),
+                   [&](int64_t first, int64_t last) {
+                     for (int64_t task = first; task < last; ++task) channel_block(task / channels, task % channels);
+                   });
+}
+
+// Runs an elementwise pass: with channels innermost, `row(row)` for each row of C
+// elements; else `plane(plane)` for each plane of `inner` elements (plane = o * C + c).
+// Each thread walks its share backwards (see the top).
+template <typename Row, typename Plane>
+void for_each_row_or_plane(const ChannelLayout& layout, const Row& row, const Plane& plane) {
+  const auto [outer, channels, inner] = layout;
+  const bool rows = inner == 1;
+  const int64_t count = rows ? outer : outer * channels;
+  const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, rows ? channels : inner));
+  at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
+    for (int64_t index = last - 1; index >= first; --index) {
+      if (rows) {
+        row(index);
+      } else {
+        plane(index);
+      }
+    }
+  });
+}
+
+// The partial sums [block][channel] of one block, zeroed.
+template <typename acc_t>
+acc_t* zeroed_row(acc_t* partials, int64_t block, int64_t channels) {
+  acc_t* row = partials + block * channels;
+  std::fill(row, row + channels, acc_t(0));
+  return row;
+}
+
 // --- forward ----------------------------------------------------------------------------
 
 // Per-block (mean, m2) of every channel, laid out [block][channel]: each block's two
@@ -126,79 +169,66 @@ void block_moments(const scalar_t* input, const Blocks& blocks, acc_type<scalar_
   using Vec = AccVec<scalar_t>;
   constexpr int64_t kLanes = Vec::size();
   const auto [outer, channels, inner] = blocks.layout;
-  if (inner == 1) {
-    // Rows of C: per-channel sums in the partial rows themselves, vectorized across channels.
-    at::parallel_for(0, blocks.count, blocks.grain(blocks.planes_per_block * channels), [&](int64_t first,
-                                                                                          int64_t last) {
-      for (int64_t block = first; block < last; ++block) {
-        acc_t* mean = block_mean + block * channels;
-        acc_t* m2 = block_m2 + block * channels;
-        std::fill(mean, mean + channels, acc_t(0));
-        std::fill(m2, m2 + channels, acc_t(0));
-        const int64_t row_begin = blocks.o_begin(block);
-        const int64_t row_end = blocks.o_end(block);
-        const acc_t inverse_rows = acc_t(1) / static_cast<acc_t>(row_end - row_begin);
-        for (int64_t row = row_begin; row < row_end; ++row) {
-          const scalar_t* values = input + row * channels;
-          int64_t c = 0;
-          for (; c + kLanes <= channels; c += kLanes) (Vec::loadu(mean + c) + load_acc(values + c)).store(mean + c);
-          for (; c < channels; ++c) mean[c] += static_cast<acc_t>(values[c]);
-        }
-        for (int64_t c = 0; c < channels; ++c) mean[c] *= inverse_rows;
-        for (int64_t row = row_begin; row < row_end; ++row) {
-          const scalar_t* values = input + row * channels;
-          int64_t c = 0;
-          for (; c + kLanes <= channels; c += kLanes) {
-            const Vec deviation = load_acc(values + c) - Vec::loadu(mean + c);
-            at::vec::fmadd(deviation, deviation, Vec::loadu(m2 + c)).store(m2 + c);
-          }
-          for (; c < channels; ++c) {
-            const acc_t deviation = static_cast<acc_t>(values[c]) - mean[c];
-            m2[c] = math::fused_multiply_add(deviation, deviation, m2[c]);
-          }
-        }
+  // Rows of C: the per-channel sums kept in the block's partial rows, vectorized across channels.
+  auto rows = [&](int64_t block) {
+    acc_t* mean = zeroed_row(block_mean, block, channels);
+    acc_t* m2 = zeroed_row(block_m2, block, channels);
+    const int64_t row_begin = blocks.o_begin(block), row_end = blocks.o_end(block);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const scalar_t* values = input + row * channels;
+      int64_t c = 0;
+      for (; c + kLanes <= channels; c += kLanes) (Vec::loadu(mean + c) + load_acc(values + c)).store(mean + c);
+      for (; c < channels; ++c) mean[c] += static_cast<acc_t>(values[c]);
+    }
+    const acc_t inverse_rows = acc_t(1) / static_cast<acc_t>(row_end - row_begin);
+    for (int64_t c = 0; c < channels; ++c) mean[c] *= inverse_rows;
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const scalar_t* values = input + row * channels;
+      int64_t c = 0;
+      for (; c + kLanes <= channels; c += kLanes) {
+        const Vec deviation = load_acc(values + c) - Vec::loadu(mean + c);
+        at::vec::fmadd(deviation, deviation, Vec::loadu(m2 + c)).store(m2 + c);
+      }
+      for (; c < channels; ++c) {
+        const acc_t deviation = static_cast<acc_t>(values[c]) - mean[c];
+        m2[c] = math::fused_multiply_add(deviation, deviation, m2[c]);
+      }
+    }
+  };
+  // Planes: one channel's segments of the block, swept twice.
+  auto channel_block = [&](int64_t block, int64_t channel) {
+    const int64_t i_begin = blocks.i_begin(block), i_end = blocks.i_end(block);
+    auto for_each_segment = [&](auto&& body) {
+      for (int64_t o = blocks.o_begin(block); o < blocks.o_end(block); ++o) {
+        body(input + (o * channels + channel) * inner);
+      }
+    };
+    Vec vector_sum(acc_t(0));
+    acc_t tail_sum = 0;
+    for_each_segment([&](const scalar_t* plane) {
+      int64_t i = i_begin;
+      for (; i + kLanes <= i_end; i += kLanes) vector_sum += load_acc(plane + i);
+      for (; i < i_end; ++i) tail_sum += static_cast<acc_t>(plane[i]);
+    });
+    const acc_t mean = (horizontal_sum(vector_sum) + tail_sum) / static_cast<acc_t>(blocks.elements(block));
+    const Vec mean_vector(mean);
+    Vec vector_m2(acc_t(0));
+    acc_t tail_m2 = 0;
+    for_each_segment([&](const scalar_t* plane) {
+      int64_t i = i_begin;
+      for (; i + kLanes <= i_end; i += kLanes) {
+        const Vec deviation = load_acc(plane + i) - mean_vector;
+        vector_m2 = at::vec::fmadd(deviation, deviation, vector_m2);
+      }
+      for (; i < i_end; ++i) {
+        const acc_t deviation = static_cast<acc_t>(plane[i]) - mean;
+        tail_m2 = math::fused_multiply_add(deviation, deviation, tail_m2);
       }
     });
-    return;
-  }
-  // Planes: one task per (block, channel), its planes' segments swept twice.
-  const int64_t tasks = blocks.count * channels;
-  at::parallel_for(0, tasks, blocks.grain(blocks.planes_per_block * blocks.segment), [&](int64_t first,
-                                                                                       int64_t last) {
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t block = task / channels;
-      const int64_t channel = task % channels;
-      const int64_t o_begin = blocks.o_begin(block), o_end = blocks.o_end(block);
-      const int64_t i_begin = blocks.i_begin(block), i_end = blocks.i_end(block);
-      auto for_each_segment = [&](auto&& body) {
-        for (int64_t o = o_begin; o < o_end; ++o) body(input + (o * channels + channel) * inner);
-      };
-      Vec vector_sum(acc_t(0));
-      acc_t tail_sum = 0;
-      for_each_segment([&](const scalar_t* plane) {
-        int64_t i = i_begin;
-        for (; i + kLanes <= i_end; i += kLanes) vector_sum += load_acc(plane + i);
-        for (; i < i_end; ++i) tail_sum += static_cast<acc_t>(plane[i]);
-      });
-      const acc_t mean = (horizontal_sum(vector_sum) + tail_sum) / static_cast<acc_t>(blocks.elements(block));
-      const Vec mean_vector(mean);
-      Vec vector_m2(acc_t(0));
-      acc_t tail_m2 = 0;
-      for_each_segment([&](const scalar_t* plane) {
-        int64_t i = i_begin;
-        for (; i + kLanes <= i_end; i += kLanes) {
-          const Vec deviation = load_acc(plane + i) - mean_vector;
-          vector_m2 = at::vec::fmadd(deviation, deviation, vector_m2);
-        }
-        for (; i < i_end; ++i) {
-          const acc_t deviation = static_cast<acc_t>(plane[i]) - mean;
-          tail_m2 = math::fused_multiply_add(deviation, deviation, tail_m2);
-        }
-      });
-      block_mean[block * channels + channel] = mean;
-      block_m2[block * channels + channel] = horizontal_sum(vector_m2) + tail_m2;
-    }
-  });
+    block_mean[block * channels + channel] = mean;
+    block_m2[block * channels + channel] = horizontal_sum(vector_m2) + tail_m2;
+  };
+  for_each_block(blocks, rows, channel_block);
 }
 
 // The per-channel batch statistics: the blocks' moments merged in block order (vectorized
@@ -249,40 +279,29 @@ void normalize_activate(const scalar_t* input, scalar_t* output, const ChannelLa
     const Vec pre = at::vec::fmadd(x, channel_scale, channel_shift);
     return Vec::blendv(pre * slope_vector, pre, pre > zero);
   };
-  if (inner == 1) {
-    at::parallel_for(0, outer, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, channels)),
-                     [&](int64_t first, int64_t last) {
-      for (int64_t row = last - 1; row >= first; --row) {  // backwards (see the top)
-        const scalar_t* x = input + row * channels;
-        scalar_t* y = output + row * channels;
-        int64_t c = 0;
-        for (; c + kLanes <= channels; c += kLanes) {
-          store_acc(y + c, activate(load_acc(x + c), Vec::loadu(scale + c), Vec::loadu(shift + c)));
-        }
-        for (; c < channels; ++c) {
-          y[c] = static_cast<scalar_t>(math::normalize_activate<acc_t>(static_cast<acc_t>(x[c]), scale[c], shift[c],
-                                                                       slope));
-        }
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, outer * channels, std::max<int64_t>(1, kElementwiseGrain / inner), [&](int64_t first,
-                                                                                           int64_t last) {
-    for (int64_t plane = last - 1; plane >= first; --plane) {  // backwards (see the top)
-      const int64_t channel = plane % channels;
-      const scalar_t* x = input + plane * inner;
-      scalar_t* y = output + plane * inner;
-      const Vec channel_scale(scale[channel]);
-      const Vec channel_shift(shift[channel]);
-      int64_t i = 0;
-      for (; i + kLanes <= inner; i += kLanes) store_acc(y + i, activate(load_acc(x + i), channel_scale, channel_shift));
-      for (; i < inner; ++i) {
-        y[i] = static_cast<scalar_t>(math::normalize_activate<acc_t>(static_cast<acc_t>(x[i]), scale[channel],
-                                                                     shift[channel], slope));
-      }
+  auto scalar = [&](scalar_t x, int64_t c) {
+    return static_cast<scalar_t>(math::normalize_activate<acc_t>(static_cast<acc_t>(x), scale[c], shift[c], slope));
+  };
+  auto row = [&](int64_t row) {
+    const scalar_t* x = input + row * channels;
+    scalar_t* y = output + row * channels;
+    int64_t c = 0;
+    for (; c + kLanes <= channels; c += kLanes) {
+      store_acc(y + c, activate(load_acc(x + c), Vec::loadu(scale + c), Vec::loadu(shift + c)));
     }
-  });
+    for (; c < channels; ++c) y[c] = scalar(x[c], c);
+  };
+  auto plane = [&](int64_t plane) {
+    const int64_t c = plane % channels;
+    const scalar_t* x = input + plane * inner;
+    scalar_t* y = output + plane * inner;
+    const Vec channel_scale(scale[c]);
+    const Vec channel_shift(shift[c]);
+    int64_t i = 0;
+    for (; i + kLanes <= inner; i += kLanes) store_acc(y + i, activate(load_acc(x + i), channel_scale, channel_shift));
+    for (; i < inner; ++i) y[i] = scalar(x[i], c);
+  };
+  for_each_row_or_plane(layout, row, plane);
 }
 
 // The forward on a prepared operand, writing `output` (which may be the operand itself).
@@ -357,48 +376,6 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const Operand& operand, const at
   return {mean_tensor, invstd_tensor};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_forward(
-    const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
-  // Checked here for every backend, before the Triton launcher gets the call.
-  check_forward(kForwardName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_forward)>(kForwardName, input, running_mean, running_var,
-                                                                weight, bias, training, momentum, eps, negative_slope);
-  }
-  const Operand operand = input_operand(input);
-  const Output output = output_for(input, operand);
-  auto [mean, invstd] = forward_into(operand, output.written, running_mean, running_var, weight, bias, training,
-                                     momentum, eps, negative_slope);
-  finish_output(output);
-  return {output.result, mean, invstd};
-}
-
-// The same, writing y over the input.
-std::tuple<at::Tensor, at::Tensor> batch_norm_leaky_relu_forward_(
-    const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps, double negative_slope) {
-  // Checked here for every backend, before the Triton launcher gets the call.
-  check_forward(kForwardInPlaceName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_forward_)>(kForwardInPlaceName, input, running_mean,
-                                                                 running_var, weight, bias, training, momentum, eps,
-                                                                 negative_slope);
-  }
-  const Operand operand = input_operand(input);
-  const bool direct = operand.tensor.is_same(input);
-  auto statistics = forward_into(operand, direct ? input : operand.tensor, running_mean, running_var, weight, bias,
-                                 training, momentum, eps, negative_slope);
-  if (!direct) {
-    input.copy_(operand.tensor);
-  }
-  return statistics;
-}
-
 // --- backward -----------------------------------------------------------------------------
 
 // Per-channel coefficients of the backward (see csrc/batch_norm_leaky_relu.h), in arrays
@@ -454,74 +431,64 @@ void block_gradient_sums(const scalar_t* grad_output, const scalar_t* saved, con
   const auto [outer, channels, inner] = blocks.layout;
   const VectorRead<acc_t, kFromOutput> read(negative_slope, inverse_slope);
   const ScalarRead<acc_t, kFromOutput> read_scalar{negative_slope, inverse_slope};
-  if (inner == 1) {
-    at::parallel_for(0, blocks.count, blocks.grain(blocks.planes_per_block * channels), [&](int64_t first,
-                                                                                          int64_t last) {
-      for (int64_t block = first; block < last; ++block) {
-        acc_t* sum_g = block_sum_g + block * channels;
-        acc_t* sum_gx = block_sum_gx + block * channels;
-        std::fill(sum_g, sum_g + channels, acc_t(0));
-        std::fill(sum_gx, sum_gx + channels, acc_t(0));
-        for (int64_t row = blocks.o_begin(block); row < blocks.o_end(block); ++row) {
-          const scalar_t* g = grad_output + row * channels;
-          const scalar_t* s = saved + row * channels;
-          int64_t c = 0;
-          for (; c + kLanes <= channels; c += kLanes) {
-            const auto [value, grad_pre] = read(load_acc(s + c), load_acc(g + c), Vec::loadu(channel.scale.data() + c),
-                                                Vec::loadu(channel.shift.data() + c));
-            const Vec normalized = at::vec::fmadd(value, Vec::loadu(channel.value_scale.data() + c),
-                                                  Vec::loadu(channel.value_shift.data() + c));
-            (Vec::loadu(sum_g + c) + grad_pre).store(sum_g + c);
-            at::vec::fmadd(grad_pre, normalized, Vec::loadu(sum_gx + c)).store(sum_gx + c);
-          }
-          for (; c < channels; ++c) {
-            const auto [value, grad_pre] = read_scalar(static_cast<acc_t>(s[c]), static_cast<acc_t>(g[c]),
-                                                       channel.scale[c], channel.shift[c]);
-            sum_g[c] += grad_pre;
-            sum_gx[c] = math::fused_multiply_add(
-                grad_pre, math::fused_multiply_add(value, channel.value_scale[c], channel.value_shift[c]), sum_gx[c]);
-          }
-        }
+  // (g_pre, g_pre * x_hat) of one element.
+  auto scalar = [&](scalar_t s, scalar_t g, int64_t c) {
+    const auto [value, grad_pre] =
+        read_scalar(static_cast<acc_t>(s), static_cast<acc_t>(g), channel.scale[c], channel.shift[c]);
+    return std::pair<acc_t, acc_t>{
+        grad_pre, grad_pre * math::fused_multiply_add(value, channel.value_scale[c], channel.value_shift[c])};
+  };
+  auto rows = [&](int64_t block) {
+    acc_t* sum_g = zeroed_row(block_sum_g, block, channels);
+    acc_t* sum_gx = zeroed_row(block_sum_gx, block, channels);
+    for (int64_t row = blocks.o_begin(block); row < blocks.o_end(block); ++row) {
+      const scalar_t* g = grad_output + row * channels;
+      const scalar_t* s = saved + row * channels;
+      int64_t c = 0;
+      for (; c + kLanes <= channels; c += kLanes) {
+        const auto [value, grad_pre] = read(load_acc(s + c), load_acc(g + c), Vec::loadu(channel.scale.data() + c),
+                                            Vec::loadu(channel.shift.data() + c));
+        const Vec normalized = at::vec::fmadd(value, Vec::loadu(channel.value_scale.data() + c),
+                                              Vec::loadu(channel.value_shift.data() + c));
+        (Vec::loadu(sum_g + c) + grad_pre).store(sum_g + c);
+        at::vec::fmadd(grad_pre, normalized, Vec::loadu(sum_gx + c)).store(sum_gx + c);
       }
-    });
-    return;
-  }
-  const int64_t tasks = blocks.count * channels;
-  at::parallel_for(0, tasks, blocks.grain(blocks.planes_per_block * blocks.segment), [&](int64_t first,
-                                                                                       int64_t last) {
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t block = task / channels;
-      const int64_t c = task % channels;
-      const Vec scale(channel.scale[c]), shift(channel.shift[c]);
-      const Vec value_scale(channel.value_scale[c]), value_shift(channel.value_shift[c]);
-      Vec vector_g(acc_t(0)), vector_gx(acc_t(0));
-      acc_t tail_g = 0, tail_gx = 0;
-      const int64_t i_begin = blocks.i_begin(block), i_end = blocks.i_end(block);
-      for (int64_t o = blocks.o_begin(block); o < blocks.o_end(block); ++o) {
-        const int64_t plane = (o * channels + c) * inner;
-        const scalar_t* g = grad_output + plane;
-        const scalar_t* s = saved + plane;
-        int64_t i = i_begin;
-        for (; i + kLanes <= i_end; i += kLanes) {
-          const auto [value, grad_pre] = read(load_acc(s + i), load_acc(g + i), scale, shift);
-          vector_g += grad_pre;
-          vector_gx = at::vec::fmadd(grad_pre, at::vec::fmadd(value, value_scale, value_shift), vector_gx);
-        }
-        for (; i < i_end; ++i) {
-          const auto [value, grad_pre] =
-              read_scalar(static_cast<acc_t>(s[i]), static_cast<acc_t>(g[i]), channel.scale[c], channel.shift[c]);
-          tail_g += grad_pre;
-          tail_gx = math::fused_multiply_add(
-              grad_pre, math::fused_multiply_add(value, channel.value_scale[c], channel.value_shift[c]), tail_gx);
-        }
+      for (; c < channels; ++c) {
+        const auto [grad_pre, product] = scalar(s[c], g[c], c);
+        sum_g[c] += grad_pre;
+        sum_gx[c] += product;
       }
-      block_sum_g[block * channels + c] = horizontal_sum(vector_g) + tail_g;
-      block_sum_gx[block * channels + c] = horizontal_sum(vector_gx) + tail_gx;
     }
-  });
+  };
+  auto channel_block = [&](int64_t block, int64_t c) {
+    const Vec scale(channel.scale[c]), shift(channel.shift[c]);
+    const Vec value_scale(channel.value_scale[c]), value_shift(channel.value_shift[c]);
+    Vec vector_g(acc_t(0)), vector_gx(acc_t(0));
+    acc_t tail_g = 0, tail_gx = 0;
+    const int64_t i_begin = blocks.i_begin(block), i_end = blocks.i_end(block);
+    for (int64_t o = blocks.o_begin(block); o < blocks.o_end(block); ++o) {
+      const int64_t plane = (o * channels + c) * inner;
+      const scalar_t* g = grad_output + plane;
+      const scalar_t* s = saved + plane;
+      int64_t i = i_begin;
+      for (; i + kLanes <= i_end; i += kLanes) {
+        const auto [value, grad_pre] = read(load_acc(s + i), load_acc(g + i), scale, shift);
+        vector_g += grad_pre;
+        vector_gx = at::vec::fmadd(grad_pre, at::vec::fmadd(value, value_scale, value_shift), vector_gx);
+      }
+      for (; i < i_end; ++i) {
+        const auto [grad_pre, product] = scalar(s[i], g[i], c);
+        tail_g += grad_pre;
+        tail_gx += product;
+      }
+    }
+    block_sum_g[block * channels + c] = horizontal_sum(vector_g) + tail_g;
+    block_sum_gx[block * channels + c] = horizontal_sum(vector_gx) + tail_gx;
+  };
+  for_each_block(blocks, rows, channel_block);
 }
 
-// grad_x = g_pre * k + v * p + q for every element.
+// grad_x = g_pre * k + v * p + q for every element (grad_input may be grad_output).
 template <typename scalar_t, bool kFromOutput>
 void input_gradient(const scalar_t* grad_output, const scalar_t* saved, scalar_t* grad_input,
                     const ChannelLayout& layout, const BackwardChannels<acc_type<scalar_t>>& channel,
@@ -532,51 +499,41 @@ void input_gradient(const scalar_t* grad_output, const scalar_t* saved, scalar_t
   const auto [outer, channels, inner] = layout;
   const VectorRead<acc_t, kFromOutput> read(negative_slope, inverse_slope);
   const ScalarRead<acc_t, kFromOutput> read_scalar{negative_slope, inverse_slope};
-  auto scalar_gradient = [&](acc_t s, acc_t g, int64_t c) {
-    const auto [value, grad_pre] = read_scalar(s, g, channel.scale[c], channel.shift[c]);
-    return math::fused_multiply_add(grad_pre, channel.k[c], math::fused_multiply_add(value, channel.p[c], channel.q[c]));
+  auto scalar = [&](scalar_t s, scalar_t g, int64_t c) {
+    const auto [value, grad_pre] =
+        read_scalar(static_cast<acc_t>(s), static_cast<acc_t>(g), channel.scale[c], channel.shift[c]);
+    return static_cast<scalar_t>(
+        math::fused_multiply_add(grad_pre, channel.k[c], math::fused_multiply_add(value, channel.p[c], channel.q[c])));
   };
-  if (inner == 1) {
-    at::parallel_for(0, outer, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, channels)),
-                     [&](int64_t first, int64_t last) {
-      for (int64_t row = last - 1; row >= first; --row) {  // backwards (see the top)
-        const scalar_t* g = grad_output + row * channels;
-        const scalar_t* s = saved + row * channels;
-        scalar_t* result = grad_input + row * channels;
-        int64_t c = 0;
-        for (; c + kLanes <= channels; c += kLanes) {
-          const auto [value, grad_pre] = read(load_acc(s + c), load_acc(g + c), Vec::loadu(channel.scale.data() + c),
-                                              Vec::loadu(channel.shift.data() + c));
-          store_acc(result + c, at::vec::fmadd(grad_pre, Vec::loadu(channel.k.data() + c),
-                                               at::vec::fmadd(value, Vec::loadu(channel.p.data() + c),
-                                                              Vec::loadu(channel.q.data() + c))));
-        }
-        for (; c < channels; ++c) {
-          result[c] = static_cast<scalar_t>(scalar_gradient(static_cast<acc_t>(s[c]), static_cast<acc_t>(g[c]), c));
-        }
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, outer * channels, std::max<int64_t>(1, kElementwiseGrain / inner), [&](int64_t first,
-                                                                                           int64_t last) {
-    for (int64_t plane = last - 1; plane >= first; --plane) {  // backwards (see the top)
-      const int64_t c = plane % channels;
-      const scalar_t* g = grad_output + plane * inner;
-      const scalar_t* s = saved + plane * inner;
-      scalar_t* result = grad_input + plane * inner;
-      const Vec scale(channel.scale[c]), shift(channel.shift[c]);
-      const Vec k(channel.k[c]), p(channel.p[c]), q(channel.q[c]);
-      int64_t i = 0;
-      for (; i + kLanes <= inner; i += kLanes) {
-        const auto [value, grad_pre] = read(load_acc(s + i), load_acc(g + i), scale, shift);
-        store_acc(result + i, at::vec::fmadd(grad_pre, k, at::vec::fmadd(value, p, q)));
-      }
-      for (; i < inner; ++i) {
-        result[i] = static_cast<scalar_t>(scalar_gradient(static_cast<acc_t>(s[i]), static_cast<acc_t>(g[i]), c));
-      }
+  auto row = [&](int64_t row) {
+    const scalar_t* g = grad_output + row * channels;
+    const scalar_t* s = saved + row * channels;
+    scalar_t* result = grad_input + row * channels;
+    int64_t c = 0;
+    for (; c + kLanes <= channels; c += kLanes) {
+      const auto [value, grad_pre] = read(load_acc(s + c), load_acc(g + c), Vec::loadu(channel.scale.data() + c),
+                                          Vec::loadu(channel.shift.data() + c));
+      store_acc(result + c, at::vec::fmadd(grad_pre, Vec::loadu(channel.k.data() + c),
+                                           at::vec::fmadd(value, Vec::loadu(channel.p.data() + c),
+                                                          Vec::loadu(channel.q.data() + c))));
     }
-  });
+    for (; c < channels; ++c) result[c] = scalar(s[c], g[c], c);
+  };
+  auto plane = [&](int64_t plane) {
+    const int64_t c = plane % channels;
+    const scalar_t* g = grad_output + plane * inner;
+    const scalar_t* s = saved + plane * inner;
+    scalar_t* result = grad_input + plane * inner;
+    const Vec scale(channel.scale[c]), shift(channel.shift[c]);
+    const Vec k(channel.k[c]), p(channel.p[c]), q(channel.q[c]);
+    int64_t i = 0;
+    for (; i + kLanes <= inner; i += kLanes) {
+      const auto [value, grad_pre] = read(load_acc(s + i), load_acc(g + i), scale, shift);
+      store_acc(result + i, at::vec::fmadd(grad_pre, k, at::vec::fmadd(value, p, q)));
+    }
+    for (; i < inner; ++i) result[i] = scalar(s[i], g[i], c);
+  };
+  for_each_row_or_plane(layout, row, plane);
 }
 
 // Both passes of the backward: the per-channel sums (returned in sum_g, sum_gx), then grad_input.
@@ -657,54 +614,16 @@ std::tuple<at::Tensor, at::Tensor> backward_into(const at::Tensor& grad_dense, c
   return {sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& output,
-    const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double negative_slope) {
-  // Checked here for every backend, before the Triton launcher gets the call.
-  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_backward)>(kBackwardName, grad_output, input, output, mean,
-                                                                 invstd, weight, bias, training, negative_slope);
-  }
-  const bool from_output = output.has_value() && output->defined();
-  const at::Tensor& saved_tensor = from_output ? *output : *input;
-  const Operand saved = input_operand(saved_tensor);
-  const Output grad_input = output_for(saved_tensor, saved);
-  auto [grad_weight, grad_bias] = backward_into(in_layout_of(grad_output, saved.tensor), saved, from_output,
-                                                grad_input.written, mean, invstd, weight, bias, training,
-                                                negative_slope);
-  finish_output(grad_input);
-  return {grad_input.result, grad_weight, grad_bias};
-}
-
-// The same, writing grad_input over grad_output (which must have the saved tensor's
-// strides, contiguous or channels-last): the autograd backward uses it when it owns
-// grad_output outright. Returns (grad_weight, grad_bias).
-std::tuple<at::Tensor, at::Tensor> batch_norm_leaky_relu_backward_(
-    const at::Tensor& grad_output, const std::optional<at::Tensor>& input, const std::optional<at::Tensor>& output,
-    const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double negative_slope) {
-  check_backward(kBackwardInPlaceName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
-  const bool from_output = output.has_value() && output->defined();
-  const at::Tensor& saved_tensor = from_output ? *output : *input;
-  check_in_place_gradient(kBackwardInPlaceName, grad_output, saved_tensor);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_backward_)>(kBackwardInPlaceName, grad_output, input, output,
-                                                                  mean, invstd, weight, bias, training,
-                                                                  negative_slope);
-  }
-  return backward_into(grad_output, input_operand(saved_tensor), from_output, grad_output, mean, invstd, weight, bias,
-                       training, negative_slope);
-}
+// The CPU kernels, for the entries of csrc/batch_norm_leaky_relu.h.
+struct CpuPasses {
+  static constexpr auto forward_into = cpu::forward_into;
+  static constexpr auto backward_into = cpu::backward_into;
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imggen_fast, CPU, m) {
-  m.impl("batch_norm_leaky_relu_forward", &batch_norm_leaky_relu_forward);
-  m.impl("batch_norm_leaky_relu_forward_", &batch_norm_leaky_relu_forward_);
-  m.impl("batch_norm_leaky_relu_backward", &batch_norm_leaky_relu_backward);
-  m.impl("batch_norm_leaky_relu_backward_", &batch_norm_leaky_relu_backward_);
+  batch_norm_leaky_relu::register_kernels<CpuPasses>(m);
 }
 
 }  // namespace imggen_fast::cpu

@@ -28,13 +28,7 @@
 namespace imggen_fast::cuda {
 namespace {
 
-using namespace batch_norm_leaky_relu;
-using OptionalTensor = std::optional<at::Tensor>;
-
-constexpr const char* kForwardName = "batch_norm_leaky_relu_forward";
-constexpr const char* kForwardInPlaceName = "batch_norm_leaky_relu_forward_";
-constexpr const char* kBackwardName = "batch_norm_leaky_relu_backward";
-constexpr const char* kBackwardInPlaceName = "batch_norm_leaky_relu_backward_";
+using namespace batch_norm_leaky_relu;  // the host helpers and entries shared with the CPU kernels
 
 // Elements of one channel per reduction block: fixed, so the partial sums, and the
 // results' bits, depend on the shape alone.
@@ -234,49 +228,6 @@ std::tuple<at::Tensor, at::Tensor> forward_into(const Operand& operand, const at
   return {mean, invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_forward(
-    const at::Tensor& input, const OptionalTensor& running_mean, const OptionalTensor& running_var,
-    const OptionalTensor& weight, const OptionalTensor& bias, bool training, double momentum, double eps,
-    double negative_slope) {
-  // Checked here for every backend, before the Triton launcher gets the call.
-  check_forward(kForwardName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_forward)>(kForwardName, input, running_mean, running_var,
-                                                                weight, bias, training, momentum, eps, negative_slope);
-  }
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const Operand operand = input_operand(input);
-  const Output output = output_for(input, operand);
-  auto [mean, invstd] = forward_into(operand, output.written, running_mean, running_var, weight, bias, training,
-                                     momentum, eps, negative_slope);
-  finish_output(output);
-  return {output.result, mean, invstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> batch_norm_leaky_relu_forward_(
-    const at::Tensor& input, const OptionalTensor& running_mean, const OptionalTensor& running_var,
-    const OptionalTensor& weight, const OptionalTensor& bias, bool training, double momentum, double eps,
-    double negative_slope) {
-  // Checked here for every backend, before the Triton launcher gets the call.
-  check_forward(kForwardInPlaceName, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                negative_slope);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_forward_)>(kForwardInPlaceName, input, running_mean,
-                                                                 running_var, weight, bias, training, momentum, eps,
-                                                                 negative_slope);
-  }
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const Operand operand = input_operand(input);
-  const bool direct = operand.tensor.is_same(input);
-  auto statistics = forward_into(operand, operand.tensor, running_mean, running_var, weight, bias, training, momentum,
-                                 eps, negative_slope);
-  if (!direct) {
-    input.copy_(operand.tensor);
-  }
-  return statistics;
-}
-
 // --- backward -----------------------------------------------------------------------------
 
 // The per-channel coefficient rows of the backward, one (channels,) row each.
@@ -461,54 +412,16 @@ std::tuple<at::Tensor, at::Tensor> backward_into(const at::Tensor& grad_dense, c
   return {sum_gx.to(parameter_dtype), sum_g.to(parameter_dtype)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_leaky_relu_backward(
-    const at::Tensor& grad_output, const OptionalTensor& input, const OptionalTensor& output, const at::Tensor& mean,
-    const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias, bool training,
-    double negative_slope) {
-  // Checked here for every backend, before the Triton launcher gets the call.
-  check_backward(kBackwardName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_backward)>(kBackwardName, grad_output, input, output, mean,
-                                                                 invstd, weight, bias, training, negative_slope);
-  }
-  const bool from_output = output.has_value() && output->defined();
-  const at::Tensor& saved_tensor = from_output ? *output : *input;
-  const c10::cuda::CUDAGuard device_guard(saved_tensor.device());
-  const Operand saved = input_operand(saved_tensor);
-  const Output grad_input = output_for(saved_tensor, saved);
-  auto [grad_weight, grad_bias] = backward_into(in_layout_of(grad_output, saved.tensor), saved, from_output,
-                                                grad_input.written, mean, invstd, weight, bias, training,
-                                                negative_slope);
-  finish_output(grad_input);
-  return {grad_input.result, grad_weight, grad_bias};
-}
-
-// The same, writing grad_input over grad_output (the saved tensor's strides).
-std::tuple<at::Tensor, at::Tensor> batch_norm_leaky_relu_backward_(
-    const at::Tensor& grad_output, const OptionalTensor& input, const OptionalTensor& output, const at::Tensor& mean,
-    const at::Tensor& invstd, const OptionalTensor& weight, const OptionalTensor& bias, bool training,
-    double negative_slope) {
-  check_backward(kBackwardInPlaceName, grad_output, input, output, mean, invstd, weight, bias, negative_slope);
-  const bool from_output = output.has_value() && output->defined();
-  const at::Tensor& saved_tensor = from_output ? *output : *input;
-  check_in_place_gradient(kBackwardInPlaceName, grad_output, saved_tensor);
-  if (triton_chosen()) {
-    return call_triton<decltype(batch_norm_leaky_relu_backward_)>(kBackwardInPlaceName, grad_output, input, output,
-                                                                  mean, invstd, weight, bias, training,
-                                                                  negative_slope);
-  }
-  const c10::cuda::CUDAGuard device_guard(saved_tensor.device());
-  return backward_into(grad_output, input_operand(saved_tensor), from_output, grad_output, mean, invstd, weight, bias,
-                       training, negative_slope);
-}
+// The CUDA kernels, for the entries of csrc/batch_norm_leaky_relu.h (which set the device).
+struct CudaPasses {
+  static constexpr auto forward_into = cuda::forward_into;
+  static constexpr auto backward_into = cuda::backward_into;
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imggen_fast, CUDA, m) {
-  m.impl("batch_norm_leaky_relu_forward", &batch_norm_leaky_relu_forward);
-  m.impl("batch_norm_leaky_relu_forward_", &batch_norm_leaky_relu_forward_);
-  m.impl("batch_norm_leaky_relu_backward", &batch_norm_leaky_relu_backward);
-  m.impl("batch_norm_leaky_relu_backward_", &batch_norm_leaky_relu_backward_);
+  batch_norm_leaky_relu::register_kernels<CudaPasses>(m);
 }
 
 }  // namespace imggen_fast::cuda
