@@ -387,12 +387,10 @@ inline void check_in_place_gradient(const char* op, const at::Tensor& grad_outpu
 //       grad_output) in the saved operand's strides.
 template <typename Passes>
 struct KernelEntries {
-  static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
-                                                                const OptionalTensor& running_mean,
-                                                                const OptionalTensor& running_var,
-                                                                const OptionalTensor& weight, const OptionalTensor& bias,
-                                                                bool training, double momentum, double eps,
-                                                                double negative_slope) {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+      const at::Tensor& input, const OptionalTensor& running_mean, const OptionalTensor& running_var,
+      const OptionalTensor& weight, const OptionalTensor& bias, bool training, double momentum, double eps,
+      double negative_slope) {
     check_forward(kForwardName, input, running_mean, running_var, weight, bias, training, momentum, eps,
                   negative_slope);
     if (triton_chosen()) {

@@ -16,14 +16,15 @@
 //    CUDA tensors (reading the weights to decide would cost a host sync per call), a
 //    channel whose weight is too small for its bias (below), or tensors torch.compile is
 //    tracing (the weights have no values then). This is what eager's batch_norm saves.
+//    The in-place form then keeps a copy of the input, taken before it is overwritten.
 //
 // The backward kernel reads x_hat back from that tensor, makes one reduction pass
 // (sum(g_pre), sum(g_pre * x_hat) per channel) and one elementwise pass, writing grad_input
-// over grad_output when autograd hands grad_output over and nothing else holds it. With GradMode on
-// in backward (create_graph=True), or when the statistics' own outputs get gradients (a
-// double backward reaches them), the backward takes the eager formula in differentiable
-// ATen ops instead, so double backward (gradient penalties) works; it reads the mean and
-// invstd as outputs of this op, whose gradients this backward adds.
+// over grad_output when autograd hands grad_output over and nothing else holds it. With
+// GradMode on in backward (create_graph=True), or when the statistics' own outputs get
+// gradients (a double backward reaches them), the backward takes the eager formula in
+// differentiable ATen ops instead, so double backward (gradient penalties) works; it reads
+// the mean and invstd as outputs of this op, whose gradients this backward adds.
 //
 // The arguments are checked by the kernel ops (and, before any kernel, by
 // imggen_fast.functional); the code here also runs on torch.compile's symbolic shapes.
@@ -310,8 +311,8 @@ class BatchNormLeakyReLUFunction : public torch::autograd::Function<BatchNormLea
 };
 
 bool needs_graph(const at::Tensor& input, const OptionalTensor& weight, const OptionalTensor& bias) {
-  return at::GradMode::is_enabled() &&
-         (input.requires_grad() || (defined(weight) && weight->requires_grad()) || (defined(bias) && bias->requires_grad()));
+  return at::GradMode::is_enabled() && (input.requires_grad() || (defined(weight) && weight->requires_grad()) ||
+                                        (defined(bias) && bias->requires_grad()));
 }
 
 at::Tensor batch_norm_leaky_relu_autograd(const at::Tensor& input, const OptionalTensor& running_mean,

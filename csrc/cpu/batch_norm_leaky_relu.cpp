@@ -6,10 +6,9 @@
 // is at::parallel_for over fixed blocks, with at::vec::Vectorized main loops and scalar
 // tails.
 //
-// The elementwise passes walk their part of memory backwards: each thread's reduction
-// pass has just read the same part forwards (parallel_for gives a thread the same share
-// of both index ranges), so the end of it, still in cache, is read again first. Between
-// the forward and the backward the order alternates the same way.
+// Every pass walks memory forwards, in long contiguous runs the hardware prefetchers
+// follow (walking the planes backwards, to reread a cached tail first, measured twice as
+// slow here: the prefetchers lose a descending sequence of ascending runs).
 //
 // Reductions are deterministic: each channel's elements are cut into blocks by the shape
 // alone (Blocks below); each block is reduced in a fixed order, and the blocks are merged
@@ -35,35 +34,34 @@ namespace {
 using namespace batch_norm_leaky_relu;  // the host helpers shared with the CUDA kernels
 
 
-// Elements of one channel per block when channels are not innermost: small enough that a
-// block stays in L1 between the two passes of its statistics (16 KiB in fp32).
-constexpr int64_t kChannelBlock = 4096;
-// Elements per block when channels are innermost (rows of C): the rows of a block,
-// all channels, stay in L2 between the two passes (64 KiB in fp32).
-constexpr int64_t kRowBlock = 16384;
+// Elements per reduction block, all channels together: a block is a contiguous stretch
+// of memory (so the hardware prefetchers stream it), small enough to stay in L2 between
+// the two passes of the statistics (256 KiB in fp32).
+constexpr int64_t kBlockElements = 65536;
 
-// How every channel's elements are cut into blocks: block b covers the planes
-// o in [o_begin, o_end) and, in each, the elements i in [i_begin, i_end). Fixed by the
-// shape alone, and the same for every channel, so the per-block counts are too.
+// How the input is cut into reduction blocks: block b covers the planes o in
+// [o_begin, o_end) and, in each plane (o, c) of every channel c, the elements i in
+// [i_begin, i_end): whole planes (o, 0..C-1) when they fit in a block, else segments of
+// them. Fixed by the shape alone, and the same for every channel, so the per-block counts
+// are too.
 struct Blocks {
   ChannelLayout layout;
   int64_t planes_per_block;
-  int64_t segment;            // elements of a plane per block (inner, or kChannelBlock)
+  int64_t segment;            // elements of a plane per block (inner, or a part of it)
   int64_t segments_per_plane;
-  int64_t count;              // blocks per channel
+  int64_t count;
 
   explicit Blocks(const ChannelLayout& layout) : layout(layout) {
-    if (layout.inner == 1) {
-      planes_per_block = std::max<int64_t>(1, kRowBlock / std::max<int64_t>(1, layout.channels));
-      segment = 1;
-    } else if (layout.inner >= kChannelBlock) {
-      planes_per_block = 1;
-      segment = kChannelBlock;
-    } else {
-      planes_per_block = kChannelBlock / layout.inner;
+    const int64_t channels = std::max<int64_t>(1, layout.channels);
+    const int64_t row = channels * layout.inner;  // one o, every channel
+    if (row <= kBlockElements) {
+      planes_per_block = kBlockElements / row;
       segment = layout.inner;
+    } else {
+      planes_per_block = 1;
+      segment = std::max<int64_t>(1, kBlockElements / channels);
     }
-    segments_per_plane = (layout.inner + segment - 1) / segment;
+    segments_per_plane = std::max<int64_t>(1, (layout.inner + segment - 1) / segment);
     count = (layout.outer + planes_per_block - 1) / planes_per_block * segments_per_plane;
   }
 
@@ -73,10 +71,6 @@ struct Blocks {
   int64_t i_end(int64_t block) const { return std::min(layout.inner, i_begin(block) + segment); }
   // Elements of one channel in the block.
   int64_t elements(int64_t block) const { return (o_end(block) - o_begin(block)) * (i_end(block) - i_begin(block)); }
-  // Blocks per parallel_for chunk: about kElementwiseGrain elements (all channels for rows).
-  int64_t grain(int64_t elements_per_task) const {
-    return std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, elements_per_task));
-  }
 };
 
 // One accumulation-type value per channel from an optional per-channel tensor of any
@@ -102,7 +96,9 @@ void store_channel_values(const at::Tensor& tensor, const std::vector<acc_t>& va
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, tensor.scalar_type(), "store_channel_values", [&] {
     scalar_t* data = tensor.mutable_data_ptr<scalar_t>();
     const int64_t stride = tensor.stride(0);
-    for (size_t c = 0; c < values.size(); ++c) data[static_cast<int64_t>(c) * stride] = static_cast<scalar_t>(values[c]);
+    for (size_t c = 0; c < values.size(); ++c) {
+      data[static_cast<int64_t>(c) * stride] = static_cast<scalar_t>(values[c]);
+    }
   });
 }
 
@@ -111,28 +107,28 @@ acc_t horizontal_sum(const at::vec::Vectorized<acc_t>& values) {
   return at::vec::vec_reduce_all<acc_t>([](auto& a, auto& b) { return a + b; }, values);
 }
 
-// Runs a reduction over every block: with channels innermost, `rows(block)` for each block
-// (its rows, all channels at once); else `channel_block(block, channel)` for each
-// (block, channel) task. Blocks, then tasks, are spread over the threads in contiguous runs.
-template <typename Rows, typename ChannelBlock>
-void for_each_block(const Blocks& blocks, const Rows& rows, const ChannelBlock& channel_block) {
-  const int64_t channels = blocks.layout.channels;
-  if (blocks.layout.inner == 1) {
-    at::parallel_for(0, blocks.count, blocks.grain(blocks.planes_per_block * channels),
-                     [&](int64_t first, int64_t last) {
-                       for (int64_t block = first; block < last; ++block) rows(block);
-                     });
-    return;
+// Runs `body(block)` for every block, the blocks spread over the threads in contiguous runs.
+template <typename Body>
+void for_each_block(const Blocks& blocks, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / kBlockElements);
+  at::parallel_for(0, blocks.count, grain, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) body(block);
+  });
+}
+
+// Runs `segment(start, c)` for each plane segment of `block`, in memory order: start is
+// the element index of the segment's first element, in plane (o, c).
+template <typename Segment>
+void for_each_segment(const Blocks& blocks, int64_t block, const Segment& segment) {
+  const auto [outer, channels, inner] = blocks.layout;
+  for (int64_t o = blocks.o_begin(block); o < blocks.o_end(block); ++o) {
+    for (int64_t c = 0; c < channels; ++c) segment((o * channels + c) * inner + blocks.i_begin(block), c);
   }
-  at::parallel_for(0, blocks.count * channels, blocks.grain(blocks.planes_per_block * blocks.segment),
-                   [&](int64_t first, int64_t last) {
-                     for (int64_t task = first; task < last; ++task) channel_block(task / channels, task % channels);
-                   });
 }
 
 // Runs an elementwise pass: with channels innermost, `row(row)` for each row of C
-// elements; else `plane(plane)` for each plane of `inner` elements (plane = o * C + c).
-// Each thread walks its share backwards (see the top).
+// elements; else `plane(plane)` for each plane of `inner` elements (plane = o * C + c),
+// in memory order.
 template <typename Row, typename Plane>
 void for_each_row_or_plane(const ChannelLayout& layout, const Row& row, const Plane& plane) {
   const auto [outer, channels, inner] = layout;
@@ -140,7 +136,7 @@ void for_each_row_or_plane(const ChannelLayout& layout, const Row& row, const Pl
   const int64_t count = rows ? outer : outer * channels;
   const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, rows ? channels : inner));
   at::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
-    for (int64_t index = last - 1; index >= first; --index) {
+    for (int64_t index = first; index < last; ++index) {
       if (rows) {
         row(index);
       } else {
@@ -195,40 +191,40 @@ void block_moments(const scalar_t* input, const Blocks& blocks, acc_type<scalar_
       }
     }
   };
-  // Planes: one channel's segments of the block, swept twice.
-  auto channel_block = [&](int64_t block, int64_t channel) {
-    const int64_t i_begin = blocks.i_begin(block), i_end = blocks.i_end(block);
-    auto for_each_segment = [&](auto&& body) {
-      for (int64_t o = blocks.o_begin(block); o < blocks.o_end(block); ++o) {
-        body(input + (o * channels + channel) * inner);
-      }
-    };
-    Vec vector_sum(acc_t(0));
-    acc_t tail_sum = 0;
-    for_each_segment([&](const scalar_t* plane) {
-      int64_t i = i_begin;
-      for (; i + kLanes <= i_end; i += kLanes) vector_sum += load_acc(plane + i);
-      for (; i < i_end; ++i) tail_sum += static_cast<acc_t>(plane[i]);
+  // Planes: each plane segment reduced to a number, added to its channel's in memory order.
+  auto planes = [&](int64_t block) {
+    acc_t* mean = zeroed_row(block_mean, block, channels);
+    acc_t* m2 = zeroed_row(block_m2, block, channels);
+    const int64_t length = blocks.i_end(block) - blocks.i_begin(block);
+    for_each_segment(blocks, block, [&](int64_t start, int64_t c) {
+      const scalar_t* values = input + start;
+      Vec vector_sum(acc_t(0));
+      acc_t tail_sum = 0;
+      int64_t i = 0;
+      for (; i + kLanes <= length; i += kLanes) vector_sum += load_acc(values + i);
+      for (; i < length; ++i) tail_sum += static_cast<acc_t>(values[i]);
+      mean[c] += horizontal_sum(vector_sum) + tail_sum;
     });
-    const acc_t mean = (horizontal_sum(vector_sum) + tail_sum) / static_cast<acc_t>(blocks.elements(block));
-    const Vec mean_vector(mean);
-    Vec vector_m2(acc_t(0));
-    acc_t tail_m2 = 0;
-    for_each_segment([&](const scalar_t* plane) {
-      int64_t i = i_begin;
-      for (; i + kLanes <= i_end; i += kLanes) {
-        const Vec deviation = load_acc(plane + i) - mean_vector;
+    const acc_t inverse_count = acc_t(1) / static_cast<acc_t>(blocks.elements(block));
+    for (int64_t c = 0; c < channels; ++c) mean[c] *= inverse_count;
+    for_each_segment(blocks, block, [&](int64_t start, int64_t c) {
+      const scalar_t* values = input + start;
+      const Vec mean_vector(mean[c]);
+      Vec vector_m2(acc_t(0));
+      acc_t tail_m2 = 0;
+      int64_t i = 0;
+      for (; i + kLanes <= length; i += kLanes) {
+        const Vec deviation = load_acc(values + i) - mean_vector;
         vector_m2 = at::vec::fmadd(deviation, deviation, vector_m2);
       }
-      for (; i < i_end; ++i) {
-        const acc_t deviation = static_cast<acc_t>(plane[i]) - mean;
+      for (; i < length; ++i) {
+        const acc_t deviation = static_cast<acc_t>(values[i]) - mean[c];
         tail_m2 = math::fused_multiply_add(deviation, deviation, tail_m2);
       }
+      m2[c] += horizontal_sum(vector_m2) + tail_m2;
     });
-    block_mean[block * channels + channel] = mean;
-    block_m2[block * channels + channel] = horizontal_sum(vector_m2) + tail_m2;
   };
-  for_each_block(blocks, rows, channel_block);
+  for_each_block(blocks, [&](int64_t block) { inner == 1 ? rows(block) : planes(block); });
 }
 
 // The per-channel batch statistics: the blocks' moments merged in block order (vectorized
@@ -273,11 +269,10 @@ void normalize_activate(const scalar_t* input, scalar_t* output, const ChannelLa
   constexpr int64_t kLanes = Vec::size();
   const auto [outer, channels, inner] = layout;
   const acc_t slope = static_cast<acc_t>(negative_slope);
-  const Vec slope_vector(slope);
-  const Vec zero(acc_t(0));
-  auto activate = [&](const Vec& x, const Vec& channel_scale, const Vec& channel_shift) {
+  // The slope as a vector local to each row / plane, so that it stays in a register.
+  auto activate = [](const Vec& x, const Vec& channel_scale, const Vec& channel_shift, const Vec& slope_vector) {
     const Vec pre = at::vec::fmadd(x, channel_scale, channel_shift);
-    return Vec::blendv(pre * slope_vector, pre, pre > zero);
+    return Vec::blendv(pre * slope_vector, pre, pre > Vec(0));
   };
   auto scalar = [&](scalar_t x, int64_t c) {
     return static_cast<scalar_t>(math::normalize_activate<acc_t>(static_cast<acc_t>(x), scale[c], shift[c], slope));
@@ -285,9 +280,10 @@ void normalize_activate(const scalar_t* input, scalar_t* output, const ChannelLa
   auto row = [&](int64_t row) {
     const scalar_t* x = input + row * channels;
     scalar_t* y = output + row * channels;
+    const Vec slope_vector(slope);
     int64_t c = 0;
     for (; c + kLanes <= channels; c += kLanes) {
-      store_acc(y + c, activate(load_acc(x + c), Vec::loadu(scale + c), Vec::loadu(shift + c)));
+      store_acc(y + c, activate(load_acc(x + c), Vec::loadu(scale + c), Vec::loadu(shift + c), slope_vector));
     }
     for (; c < channels; ++c) y[c] = scalar(x[c], c);
   };
@@ -295,10 +291,11 @@ void normalize_activate(const scalar_t* input, scalar_t* output, const ChannelLa
     const int64_t c = plane % channels;
     const scalar_t* x = input + plane * inner;
     scalar_t* y = output + plane * inner;
-    const Vec channel_scale(scale[c]);
-    const Vec channel_shift(shift[c]);
+    const Vec channel_scale(scale[c]), channel_shift(shift[c]), slope_vector(slope);
     int64_t i = 0;
-    for (; i + kLanes <= inner; i += kLanes) store_acc(y + i, activate(load_acc(x + i), channel_scale, channel_shift));
+    for (; i + kLanes <= inner; i += kLanes) {
+      store_acc(y + i, activate(load_acc(x + i), channel_scale, channel_shift, slope_vector));
+    }
     for (; i < inner; ++i) y[i] = scalar(x[i], c);
   };
   for_each_row_or_plane(layout, row, plane);
@@ -391,23 +388,19 @@ struct BackwardChannels {
         q(channels) {}
 };
 
-// The per-element values of the backward on Vectorized lanes: v and g_pre from the saved
-// value (y or x) and the gradient, as math::read_saved computes them.
-template <typename acc_t, bool kFromOutput>
-struct VectorRead {
-  using Vec = at::vec::Vectorized<acc_t>;
-  Vec slope, inverse_slope, zero;
-
-  VectorRead(acc_t negative_slope, acc_t inverse)
-      : slope(negative_slope), inverse_slope(inverse), zero(acc_t(0)) {}
-
-  // (v, g_pre) of the lanes.
-  std::pair<Vec, Vec> operator()(const Vec& saved, const Vec& grad, const Vec& scale, const Vec& shift) const {
-    const Vec positive = kFromOutput ? saved > zero : at::vec::fmadd(saved, scale, shift) > zero;
-    const Vec value = kFromOutput ? Vec::blendv(saved * inverse_slope, saved, positive) : saved;
-    return {value, Vec::blendv(grad * slope, grad, positive)};
-  }
-};
+// The per-element values of the backward on Vectorized lanes, (v, g_pre) from the saved
+// value (y or x) and the gradient, as math::read_saved computes them. The slopes are
+// passed in as vectors the caller holds in locals, so that they stay in registers
+// through the loop (members reached through a captured reference are reloaded after
+// every store).
+template <bool kFromOutput, typename Vec>
+inline std::pair<Vec, Vec> read_lanes(const Vec& saved, const Vec& grad, const Vec& scale, const Vec& shift,
+                                      const Vec& slope, const Vec& inverse_slope) {
+  const Vec zero(0);
+  const Vec positive = kFromOutput ? saved > zero : at::vec::fmadd(saved, scale, shift) > zero;
+  const Vec value = kFromOutput ? Vec::blendv(saved * inverse_slope, saved, positive) : saved;
+  return {value, Vec::blendv(grad * slope, grad, positive)};
+}
 
 template <typename acc_t, bool kFromOutput>
 struct ScalarRead {
@@ -429,7 +422,6 @@ void block_gradient_sums(const scalar_t* grad_output, const scalar_t* saved, con
   using Vec = AccVec<scalar_t>;
   constexpr int64_t kLanes = Vec::size();
   const auto [outer, channels, inner] = blocks.layout;
-  const VectorRead<acc_t, kFromOutput> read(negative_slope, inverse_slope);
   const ScalarRead<acc_t, kFromOutput> read_scalar{negative_slope, inverse_slope};
   // (g_pre, g_pre * x_hat) of one element.
   auto scalar = [&](scalar_t s, scalar_t g, int64_t c) {
@@ -439,6 +431,7 @@ void block_gradient_sums(const scalar_t* grad_output, const scalar_t* saved, con
         grad_pre, grad_pre * math::fused_multiply_add(value, channel.value_scale[c], channel.value_shift[c])};
   };
   auto rows = [&](int64_t block) {
+    const Vec slope(negative_slope), inverse(inverse_slope);  // in registers (see read_lanes)
     acc_t* sum_g = zeroed_row(block_sum_g, block, channels);
     acc_t* sum_gx = zeroed_row(block_sum_gx, block, channels);
     for (int64_t row = blocks.o_begin(block); row < blocks.o_end(block); ++row) {
@@ -446,8 +439,9 @@ void block_gradient_sums(const scalar_t* grad_output, const scalar_t* saved, con
       const scalar_t* s = saved + row * channels;
       int64_t c = 0;
       for (; c + kLanes <= channels; c += kLanes) {
-        const auto [value, grad_pre] = read(load_acc(s + c), load_acc(g + c), Vec::loadu(channel.scale.data() + c),
-                                            Vec::loadu(channel.shift.data() + c));
+        const auto [value, grad_pre] =
+            read_lanes<kFromOutput>(load_acc(s + c), load_acc(g + c), Vec::loadu(channel.scale.data() + c),
+                                    Vec::loadu(channel.shift.data() + c), slope, inverse);
         const Vec normalized = at::vec::fmadd(value, Vec::loadu(channel.value_scale.data() + c),
                                               Vec::loadu(channel.value_shift.data() + c));
         (Vec::loadu(sum_g + c) + grad_pre).store(sum_g + c);
@@ -460,32 +454,35 @@ void block_gradient_sums(const scalar_t* grad_output, const scalar_t* saved, con
       }
     }
   };
-  auto channel_block = [&](int64_t block, int64_t c) {
-    const Vec scale(channel.scale[c]), shift(channel.shift[c]);
-    const Vec value_scale(channel.value_scale[c]), value_shift(channel.value_shift[c]);
-    Vec vector_g(acc_t(0)), vector_gx(acc_t(0));
-    acc_t tail_g = 0, tail_gx = 0;
-    const int64_t i_begin = blocks.i_begin(block), i_end = blocks.i_end(block);
-    for (int64_t o = blocks.o_begin(block); o < blocks.o_end(block); ++o) {
-      const int64_t plane = (o * channels + c) * inner;
-      const scalar_t* g = grad_output + plane;
-      const scalar_t* s = saved + plane;
-      int64_t i = i_begin;
-      for (; i + kLanes <= i_end; i += kLanes) {
-        const auto [value, grad_pre] = read(load_acc(s + i), load_acc(g + i), scale, shift);
+  auto planes = [&](int64_t block) {
+    const Vec slope(negative_slope), inverse(inverse_slope);  // in registers (see read_lanes)
+    acc_t* sum_g = zeroed_row(block_sum_g, block, channels);
+    acc_t* sum_gx = zeroed_row(block_sum_gx, block, channels);
+    const int64_t length = blocks.i_end(block) - blocks.i_begin(block);
+    for_each_segment(blocks, block, [&](int64_t start, int64_t c) {
+      const scalar_t* s = saved + start;
+      const scalar_t* g = grad_output + start;
+      const Vec scale(channel.scale[c]), shift(channel.shift[c]);
+      const Vec value_scale(channel.value_scale[c]), value_shift(channel.value_shift[c]);
+      Vec vector_g(acc_t(0)), vector_gx(acc_t(0));
+      acc_t tail_g = 0, tail_gx = 0;
+      int64_t i = 0;
+      for (; i + kLanes <= length; i += kLanes) {
+        const auto [value, grad_pre] =
+            read_lanes<kFromOutput>(load_acc(s + i), load_acc(g + i), scale, shift, slope, inverse);
         vector_g += grad_pre;
         vector_gx = at::vec::fmadd(grad_pre, at::vec::fmadd(value, value_scale, value_shift), vector_gx);
       }
-      for (; i < i_end; ++i) {
+      for (; i < length; ++i) {
         const auto [grad_pre, product] = scalar(s[i], g[i], c);
         tail_g += grad_pre;
         tail_gx += product;
       }
-    }
-    block_sum_g[block * channels + c] = horizontal_sum(vector_g) + tail_g;
-    block_sum_gx[block * channels + c] = horizontal_sum(vector_gx) + tail_gx;
+      sum_g[c] += horizontal_sum(vector_g) + tail_g;
+      sum_gx[c] += horizontal_sum(vector_gx) + tail_gx;
+    });
   };
-  for_each_block(blocks, rows, channel_block);
+  for_each_block(blocks, [&](int64_t block) { inner == 1 ? rows(block) : planes(block); });
 }
 
 // grad_x = g_pre * k + v * p + q for every element (grad_input may be grad_output).
@@ -497,7 +494,6 @@ void input_gradient(const scalar_t* grad_output, const scalar_t* saved, scalar_t
   using Vec = AccVec<scalar_t>;
   constexpr int64_t kLanes = Vec::size();
   const auto [outer, channels, inner] = layout;
-  const VectorRead<acc_t, kFromOutput> read(negative_slope, inverse_slope);
   const ScalarRead<acc_t, kFromOutput> read_scalar{negative_slope, inverse_slope};
   auto scalar = [&](scalar_t s, scalar_t g, int64_t c) {
     const auto [value, grad_pre] =
@@ -506,13 +502,15 @@ void input_gradient(const scalar_t* grad_output, const scalar_t* saved, scalar_t
         math::fused_multiply_add(grad_pre, channel.k[c], math::fused_multiply_add(value, channel.p[c], channel.q[c])));
   };
   auto row = [&](int64_t row) {
+    const Vec slope(negative_slope), inverse(inverse_slope);  // in registers (see read_lanes)
     const scalar_t* g = grad_output + row * channels;
     const scalar_t* s = saved + row * channels;
     scalar_t* result = grad_input + row * channels;
     int64_t c = 0;
     for (; c + kLanes <= channels; c += kLanes) {
-      const auto [value, grad_pre] = read(load_acc(s + c), load_acc(g + c), Vec::loadu(channel.scale.data() + c),
-                                          Vec::loadu(channel.shift.data() + c));
+      const auto [value, grad_pre] =
+          read_lanes<kFromOutput>(load_acc(s + c), load_acc(g + c), Vec::loadu(channel.scale.data() + c),
+                                  Vec::loadu(channel.shift.data() + c), slope, inverse);
       store_acc(result + c, at::vec::fmadd(grad_pre, Vec::loadu(channel.k.data() + c),
                                            at::vec::fmadd(value, Vec::loadu(channel.p.data() + c),
                                                           Vec::loadu(channel.q.data() + c))));
@@ -520,6 +518,7 @@ void input_gradient(const scalar_t* grad_output, const scalar_t* saved, scalar_t
     for (; c < channels; ++c) result[c] = scalar(s[c], g[c], c);
   };
   auto plane = [&](int64_t plane) {
+    const Vec slope(negative_slope), inverse(inverse_slope);  // in registers (see read_lanes)
     const int64_t c = plane % channels;
     const scalar_t* g = grad_output + plane * inner;
     const scalar_t* s = saved + plane * inner;
@@ -528,7 +527,8 @@ void input_gradient(const scalar_t* grad_output, const scalar_t* saved, scalar_t
     const Vec k(channel.k[c]), p(channel.p[c]), q(channel.q[c]);
     int64_t i = 0;
     for (; i + kLanes <= inner; i += kLanes) {
-      const auto [value, grad_pre] = read(load_acc(s + i), load_acc(g + i), scale, shift);
+      const auto [value, grad_pre] =
+          read_lanes<kFromOutput>(load_acc(s + i), load_acc(g + i), scale, shift, slope, inverse);
       store_acc(result + i, at::vec::fmadd(grad_pre, k, at::vec::fmadd(value, p, q)));
     }
     for (; i < inner; ++i) result[i] = scalar(s[i], g[i], c);
