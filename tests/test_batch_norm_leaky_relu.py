@@ -135,6 +135,14 @@ def test_triton_blocks_merge_across_programs():
         assert_as_accurate_as_eager(make_inputs((2, 2, 1100)), True, 0.2)
 
 
+def test_reference_backend_is_eager():
+    inputs = make_inputs((4, 3, 5, 6))
+    with imggen_fast.set_backend("reference"):
+        for name, got, want in zip(NAMES, run(functional.batch_norm_leaky_relu, inputs, True, 0.2, overwrite_input=True),
+                                   run(eager, inputs, True, 0.2)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 def test_without_affine_parameters_or_running_statistics(backend):
     inputs = make_inputs((4, 3, 5, 6), affine=False)
