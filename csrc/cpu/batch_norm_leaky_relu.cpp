@@ -7,8 +7,8 @@
 // tails.
 //
 // Every pass walks memory forwards, in long contiguous runs the hardware prefetchers
-// follow (walking the planes backwards, to reread a cached tail first, measured twice as
-// slow here: the prefetchers lose a descending sequence of ascending runs).
+// follow (walking the planes backwards, to reread a cached tail first, measured slower:
+// the prefetchers lose a descending sequence of ascending runs).
 //
 // Reductions are deterministic: each channel's elements are cut into blocks by the shape
 // alone (Blocks below); each block is reduced in a fixed order, and the blocks are merged
@@ -32,7 +32,6 @@ namespace imggen_fast::cpu {
 namespace {
 
 using namespace batch_norm_leaky_relu;  // the host helpers shared with the CUDA kernels
-
 
 // Elements per reduction block, all channels together: a block is a contiguous stretch
 // of memory (so the hardware prefetchers stream it), small enough to stay in L2 between

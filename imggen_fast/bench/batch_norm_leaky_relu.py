@@ -6,7 +6,7 @@ Providers, each at its best: ``eager`` (``F.batch_norm`` then the activation in 
 ``nn.Sequential(BatchNorm2d, LeakyReLU(inplace=True))`` runs), ``imggen_fast``
 (:func:`imggen_fast.functional.batch_norm_leaky_relu`), ``compile`` (``torch.compile`` of
 the same function with the activation out of place: inductor's code for the in-place
-activation measured more than ten times slower) and ``floor``: a multiply + sum of a
+activation measured many times slower) and ``floor``: a multiply + sum of a
 tensor of the same size, forward and backward (``(x * s).sum()``: one read pass forward,
 one write pass backward), the order of what any provider must at least pay. Gradients are
 taken with ``torch.autograd.grad`` for input, weight and bias.
