@@ -64,6 +64,33 @@ TORCH_LIBRARY(imggen_fast, m) {
   // reduced loss, the gradients' shape for reduction 0).
   m.def("bce_with_logits_backward(Tensor grad_output, Tensor[] unit_grads, int reduction) -> Tensor[]");
 
+  // --- BatchNorm + LeakyReLU (public): leaky_relu(batch_norm(input, running_mean, running_var,
+  // weight, bias, training, momentum, eps), negative_slope), F.batch_norm's arguments; the
+  // running statistics are updated in place in training. The in-place form writes the
+  // output over input.
+  m.def("batch_norm_leaky_relu(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
+        "Tensor? bias, bool training, float momentum, float eps, float negative_slope) -> Tensor");
+  m.def("batch_norm_leaky_relu_(Tensor(a!) input, Tensor(b!)? running_mean, Tensor(c!)? running_var, "
+        "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, float negative_slope) -> ()");
+  // Its kernels: the forward, returning the per-channel mean and invstd it normalized with
+  // (batch statistics in training, running ones in eval; float32, or float64 for float64
+  // input), out of place or over input; and the backward, reading x_hat from `input`, or
+  // from the activated `output` (negative_slope > 0) when input is None.
+  m.def("batch_norm_leaky_relu_forward(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, float negative_slope) "
+        "-> (Tensor output, Tensor mean, Tensor invstd)");
+  m.def("batch_norm_leaky_relu_forward_(Tensor(a!) input, Tensor(b!)? running_mean, Tensor(c!)? running_var, "
+        "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, float negative_slope) "
+        "-> (Tensor mean, Tensor invstd)");
+  m.def("batch_norm_leaky_relu_backward(Tensor grad_output, Tensor? input, Tensor? output, Tensor mean, "
+        "Tensor invstd, Tensor? weight, Tensor? bias, bool training, float negative_slope) "
+        "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The same writing grad_input over grad_output (the saved tensor's strides), returning
+  // (grad_weight, grad_bias): the backward uses it when nothing else holds grad_output.
+  m.def("batch_norm_leaky_relu_backward_(Tensor(a!) grad_output, Tensor? input, Tensor? output, Tensor mean, "
+        "Tensor invstd, Tensor? weight, Tensor? bias, bool training, float negative_slope) "
+        "-> (Tensor grad_weight, Tensor grad_bias)");
+
   // --- The calling thread's backend choice (csrc/backend.h), set by imggen_fast.backends.
   m.def("_set_triton_chosen(bool chosen) -> ()");
   m.def("_triton_chosen() -> bool");

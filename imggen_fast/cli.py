@@ -116,13 +116,13 @@ def _print_gpu_defaults() -> None:
 def _print_auto_choices() -> None:
     """What ``auto`` picks per device and why, and what that runs for each op."""
     from imggen_fast import backends
-    from imggen_fast.ops import bce_with_logits, layer_leaky_relu, reparameterize_kl
+    from imggen_fast.ops import batch_norm_leaky_relu, bce_with_logits, layer_leaky_relu, reparameterize_kl
 
     choices = {device_type: backends.auto_choice(device_type) for device_type in ("cpu", "cuda")}
     for device_type, (backend, why) in choices.items():
         print(f"auto picks for {device_type.upper()} tensors: {backend} ({why})")
     print()
-    for module in (layer_leaky_relu, reparameterize_kl, bce_with_logits):
+    for module in (layer_leaky_relu, reparameterize_kl, bce_with_logits, batch_norm_leaky_relu):
         for op_name, implementations in module.IMPLEMENTATIONS.items():
             print(f"{op_name}:")
             for device_type, (backend, _) in choices.items():

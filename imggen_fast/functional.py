@@ -9,6 +9,7 @@ import torch
 
 from . import _checks, backends, reference
 from .ops import layer_leaky_relu as _layers
+from .ops import batch_norm_leaky_relu as _batch_norm_leaky_relu
 from .ops import bce_with_logits as _bce_with_logits
 from .ops import leaky_relu as _leaky_relu
 from .ops import reparameterize_kl as _reparameterize_kl
@@ -308,7 +309,7 @@ def _check_batch_norm_arguments(input: object, running_mean: object, running_var
 def batch_norm_leaky_relu(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                           weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                           training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                          negative_slope: float = 0.01) -> torch.Tensor:
+                          negative_slope: float = 0.01, *, overwrite_input: bool = False) -> torch.Tensor:
     """``leaky_relu(batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
     eps), negative_slope)``: the arguments and defaults of ``torch.nn.functional.batch_norm``
     plus ``negative_slope`` (>= 0; 0 is ReLU).
@@ -317,9 +318,20 @@ def batch_norm_leaky_relu(input: torch.Tensor, running_mean: torch.Tensor | None
     BatchNorm2d. running_mean, running_var: (C,) or both None (then ``training`` must be
     True); with ``training=True`` they are updated in place as ``F.batch_norm`` updates
     them (``momentum`` weights the batch statistics; the running variance is unbiased).
-    weight, bias: (C,) or None. Returns a tensor of input's shape."""
+    weight, bias: (C,) or None. Returns a tensor of input's shape and memory format.
+
+    Kept for backward: the activated output alone where the normalized input can be
+    recovered from it (negative_slope > 0, CPU tensors, ``|bias| <= 4 |weight|`` in every
+    channel), else the input, as eager keeps it (see ``imggen_fast.ops.batch_norm_leaky_relu``).
+
+    ``overwrite_input=True`` allows the output to be written over ``input``, which the
+    caller promises has no other use (a convolution's output that only this call reads);
+    it is done on CPU tensors with negative_slope > 0, and the returned tensor is then
+    ``input`` itself. Autograd's version counter records the change, so a backward that
+    needs the old input raises instead of using wrong values."""
     name = "batch_norm_leaky_relu"
     training, momentum, eps, negative_slope = _check_batch_norm_arguments(
         input, running_mean, running_var, weight, bias, training, momentum, eps, negative_slope, name)
-    return reference.batch_norm_leaky_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                           negative_slope)
+    overwrite_input = _checks.check_bool(overwrite_input, "overwrite_input", name)
+    return _batch_norm_leaky_relu.batch_norm_leaky_relu(input, running_mean, running_var, weight, bias, training,
+                                                        momentum, eps, negative_slope, overwrite_input)

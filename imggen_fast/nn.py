@@ -106,9 +106,13 @@ class _BatchNormLeakyReLU(_FusedLeakyReLU):
     statistics bookkeeping, line for line) with ``F.batch_norm`` replaced by
     :func:`imggen_fast.functional.batch_norm_leaky_relu`."""
 
-    def _set_activation(self, negative_slope: float, inplace: bool) -> None:
+    # Whether forward may write its output over its input (see BatchNorm2dLeakyReLU).
+    overwrite_input = False
+
+    def _set_activation(self, negative_slope: float, inplace: bool, overwrite_input: bool) -> None:
         self._set_negative_slope(negative_slope)
         self.inplace = _checks.check_bool(inplace, "inplace", type(self).__name__)
+        self.overwrite_input = _checks.check_bool(overwrite_input, "overwrite_input", type(self).__name__)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -139,10 +143,12 @@ class _BatchNormLeakyReLU(_FusedLeakyReLU):
     def _fused(self, input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                batch_statistics: bool, momentum: float) -> torch.Tensor:
         return functional.batch_norm_leaky_relu(input, running_mean, running_var, self.weight, self.bias,
-                                                batch_statistics, momentum, self.eps, self.negative_slope)
+                                                batch_statistics, momentum, self.eps, self.negative_slope,
+                                                overwrite_input=self.overwrite_input)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", inplace=True" if self.inplace else "")
+        return (super().extra_repr() + (", inplace=True" if self.inplace else "")
+                + (", overwrite_input=True" if self.overwrite_input else ""))
 
 
 class BatchNorm2dLeakyReLU(_BatchNormLeakyReLU, nn.BatchNorm2d):
@@ -151,20 +157,28 @@ class BatchNorm2dLeakyReLU(_BatchNormLeakyReLU, nn.BatchNorm2d):
     The same constructor, parameters, buffers (running statistics, ``num_batches_tracked``),
     ``state_dict`` and training / eval behaviour as ``nn.BatchNorm2d`` (``momentum=None``,
     ``track_running_stats=False`` and eval without running statistics included), plus the
-    keywords ``negative_slope`` (>= 0) and ``inplace``. Input (N, C, H, W).
+    keywords ``negative_slope`` (>= 0), ``inplace`` and ``overwrite_input``. Input
+    (N, C, H, W), contiguous or channels_last (the output keeps the input's layout).
 
-    ``inplace`` is the flag of the activation the module stands for (``ReLU(inplace=True)``):
-    it never makes the module overwrite its input, which the caller may still hold (the
-    normalization and the activation are one computation here, with no intermediate for
-    an in-place activation to save); ``imggen_fast.unpatch`` restores it. Saved for
-    backward today (the eager reference computes it): the input, the per-channel batch
-    statistics and the activated output, as eager BatchNorm2d -> ReLU(inplace=True) does."""
+    ``inplace`` is the flag of the activation the module stands for (``ReLU(inplace=True)``)
+    and changes nothing here; ``imggen_fast.unpatch`` restores it. ``overwrite_input=True``
+    lets forward write its output over its input (CPU, negative_slope > 0): the input must
+    have no other use. ``imggen_fast.patch`` sets it where that holds (the module before
+    this one in its ``nn.Sequential`` is a convolution or linear layer without hooks, whose
+    backward does not need its output); a hook added afterwards to that layer that keeps
+    its output would see it overwritten. Autograd's version counter records the write, so
+    a backward needing the old input raises rather than computing wrong gradients.
+
+    Kept for backward: the activated output alone where the normalized input can be
+    recovered from it (negative_slope > 0, CPU, ``|bias| <= 4 |weight|`` in every channel:
+    InPlace-ABN), else the input, as eager BatchNorm keeps it (ReLU, CUDA); the per-channel
+    statistics in both cases. See :func:`imggen_fast.functional.batch_norm_leaky_relu`."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 negative_slope: float = 0.01, inplace: bool = False) -> None:
+                 negative_slope: float = 0.01, inplace: bool = False, overwrite_input: bool = False) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._set_activation(negative_slope, inplace)
+        self._set_activation(negative_slope, inplace, overwrite_input)
 
 
 class BatchNorm1dLeakyReLU(_BatchNormLeakyReLU, nn.BatchNorm1d):
@@ -173,9 +187,9 @@ class BatchNorm1dLeakyReLU(_BatchNormLeakyReLU, nn.BatchNorm1d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 negative_slope: float = 0.01, inplace: bool = False) -> None:
+                 negative_slope: float = 0.01, inplace: bool = False, overwrite_input: bool = False) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self._set_activation(negative_slope, inplace)
+        self._set_activation(negative_slope, inplace, overwrite_input)
 
 
 class Reparameterize(_vae.Reparameterize):

@@ -55,6 +55,9 @@ MODULE_SWAPS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BCEWithLogitsLoss: fused_nn.BCEWithLogitsLoss,
 }
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
+# Layers whose output a batch norm right after them may overwrite (overwrite_input): their
+# backward needs their input and weight, never their output. Exact types.
+OVERWRITABLE_PRODUCERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 # Functional layer -> its fused function (same argument names, plus negative_slope).
 FUNCTION_PAIRS = {
     F.linear: functional.linear_leaky_relu,
@@ -205,19 +208,30 @@ def _pair_refusal(layer: nn.Module | None, slope: object, activation: nn.Module 
     return None
 
 
-def _fused_layer(layer: nn.Module, slope: object, activation_inplace: bool) -> nn.Module:
+def _fused_layer(layer: nn.Module, slope: object, activation_inplace: bool, overwrite_input: bool = False) -> nn.Module:
     """The fused module standing for (``layer``, an activation of ``slope``), sharing
-    ``layer``'s parameters and buffers."""
+    ``layer``'s parameters and buffers; a batch norm may overwrite its input if
+    ``overwrite_input``."""
     fused_type = LAYER_PAIRS[type(layer)]
     attributes = {"negative_slope": _checks.check_negative_slope(slope, fused_type.__name__)}
     if issubclass(fused_type, fused_nn._BatchNormLeakyReLU):
         attributes["inplace"] = bool(activation_inplace)
+        attributes["overwrite_input"] = overwrite_input
     return _made_by_patch(layer, fused_type, **attributes)
 
 
-def _fused_description(layer: nn.Module, activation: str, slope: object) -> str:
+def _fused_description(layer: nn.Module, activation: str, slope: object, overwrite_input: bool = False) -> str:
     fused_type = LAYER_PAIRS[type(layer)].__name__
-    return f"{type(layer).__name__} + {activation} -> {fused_type}(negative_slope={float(slope)})"
+    return (f"{type(layer).__name__} + {activation} -> {fused_type}(negative_slope={float(slope)}"
+            f"{', overwrite_input=True' if overwrite_input else ''})")
+
+
+def _output_is_free(parent: nn.Module, name: str | None) -> bool:
+    """True when the output of child ``name`` of in-order Sequential ``parent`` has no use
+    but feeding the next child: an exact convolution / linear layer (its backward never
+    reads its output) without hooks (none can keep the output)."""
+    producer = parent._modules.get(name) if name is not None else None
+    return type(producer) in OVERWRITABLE_PRODUCERS and not _has_hooks(producer)
 
 
 # --- the module walker: nn.Sequential children in order --------------------------------
@@ -296,6 +310,8 @@ def _patch_modules(model: nn.Module, report: PatchReport) -> None:
     slots, containers = _walk(model, report)
     # Each layer that precedes an activation: the (layer slot, activation slot) pairs.
     pairs: dict[int, list[tuple[_Slot, _Slot]]] = defaultdict(list)
+    # For each batch norm, whether each of its slots consumes a free output (_output_is_free).
+    free_inputs: dict[int, list[bool]] = defaultdict(list)
     for parent, path in containers:
         in_order = _runs_in_order(parent)
         for name, child in parent._modules.items():
@@ -325,6 +341,9 @@ def _patch_modules(model: nn.Module, report: PatchReport) -> None:
                 continue
             layer_slot = next(slot for slot in slots[id(layer)] if slot.parent is parent and slot.name == layer_name)
             pairs[id(layer)].append((layer_slot, activation_slot))
+            if issubclass(LAYER_PAIRS[type(layer)], fused_nn._BatchNormLeakyReLU):
+                producers = {name: previous for previous, name in _sequential_pairs(parent, (type(layer),))}
+                free_inputs[id(layer)].append(_output_is_free(parent, producers[layer_name]))
 
     fused_away: dict[int, FusedAway] = {}
     for layer_id, layer_pairs in pairs.items():
@@ -347,13 +366,17 @@ def _patch_modules(model: nn.Module, report: PatchReport) -> None:
         if reason is not None:
             report.add("skipped", where, what, reason)
             continue
-        fused = _fused_layer(layer, slopes[0], activations[0].inplace)
+        # A batch norm overwrites its input only where that input is free at its one use,
+        # nothing else sees it (no hooks), and its output can give backward what it needs.
+        overwrite_input = (free_inputs.get(layer_id) == [True] and len(slots[layer_id]) == 1
+                           and not _has_hooks(layer) and float(slopes[0]) > 0)
+        fused = _fused_layer(layer, slopes[0], activations[0].inplace, overwrite_input)
         for slot in slots[layer_id]:
             _set(slot, fused)
         for _, slot in layer_pairs:
             activation = slot.parent._modules[slot.name]
             _set(slot, fused_away.setdefault(id(activation), FusedAway(activation)))
-        report.add("fused", where, what)
+        report.add("fused", where, _fused_description(layer, _name(activations[0]), slopes[0], overwrite_input))
     _swap_modules(model, report)
 
 

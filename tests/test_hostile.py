@@ -74,6 +74,21 @@ OP_CASES = [
            lambda real_logits, fake_logits: (
                F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, 0.9))
                + F.binary_cross_entropy_with_logits(fake_logits, torch.full_like(fake_logits, 0.1)))),
+    # Training updates the running statistics in place: they are fresh per call here (a view
+    # of them is covered in eval, which reads them, and in tests/test_batch_norm_leaky_relu.py).
+    OpCase("batch_norm_leaky_relu",
+           {"input": Argument((4, 3, 5, 6)), "weight": Argument((3,), "positive"), "bias": Argument((3,))},
+           lambda input, weight, bias: functional.batch_norm_leaky_relu(input, torch.zeros(3), torch.ones(3), weight,
+                                                                        bias, True, 0.1, 1e-5, 0.2),
+           lambda input, weight, bias: _leaky(0.2)(F.batch_norm(input, torch.zeros(3), torch.ones(3), weight, bias,
+                                                                True, 0.1, 1e-5))),
+    OpCase("batch_norm_relu_eval",
+           {"input": Argument((4, 3, 5, 6)), "running_mean": Argument((3,), differentiable=False),
+            "running_var": Argument((3,), "positive", False), "weight": Argument((3,)), "bias": Argument((3,))},
+           lambda input, running_mean, running_var, weight, bias: functional.batch_norm_leaky_relu(
+               input, running_mean, running_var, weight, bias, False, 0.1, 1e-5, 0.0),
+           lambda input, running_mean, running_var, weight, bias: F.relu(F.batch_norm(
+               input, running_mean, running_var, weight, bias, False, 0.1, 1e-5))),
     OpCase("leaky_relu_backward_from_output",
            {"grad_output": Argument((3, 5, 4)), "output": Argument((3, 5, 4), differentiable=False)},
            lambda grad_output, output: functional.leaky_relu_backward_from_output(grad_output, output, 0.2),
@@ -231,6 +246,12 @@ ZERO_SIZE_CASES = [
      lambda mu, logvar, eps: functional.reparameterize_kl(mu, logvar, eps, reduction="none"),
      lambda mu, logvar, eps: (mu + eps * torch.exp(0.5 * logvar),
                               -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(1))),
+    ("batch_norm_leaky_relu, empty batch", lambda: (torch.randn(0, 3, 4, 4), torch.rand(3) + 0.5, torch.randn(3)),
+     lambda x, w, b: functional.batch_norm_leaky_relu(x, torch.zeros(3), torch.ones(3), w, b, True, 0.1, 1e-5, 0.2),
+     lambda x, w, b: F.leaky_relu(F.batch_norm(x, torch.zeros(3), torch.ones(3), w, b, True, 0.1, 1e-5), 0.2)),
+    ("batch_norm_leaky_relu, no spatial elements", lambda: (torch.randn(2, 3, 0, 4), torch.rand(3), torch.randn(3)),
+     lambda x, w, b: functional.batch_norm_leaky_relu(x, None, None, w, b, True, 0.1, 1e-5, 0.0),
+     lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5))),
     ("bce_with_logits, no elements", lambda: (torch.randn(0, 3), torch.rand(0, 3)),
      lambda x, t: functional.bce_with_logits(x, t),
      lambda x, t: F.binary_cross_entropy_with_logits(x, t)),

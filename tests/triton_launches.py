@@ -110,8 +110,31 @@ def reparameterize_kl_calls(launchers):
                 backward(None, grad_kl, mu, logvar, None, seed, 1.0, reduction)
 
 
+def batch_norm_leaky_relu_calls(launchers):
+    forward, forward_ = launchers["batch_norm_leaky_relu_forward"], launchers["batch_norm_leaky_relu_forward_"]
+    backward, backward_ = launchers["batch_norm_leaky_relu_backward"], launchers["batch_norm_leaky_relu_backward_"]
+    for dtype in DTYPES:
+        # NCHW, channels_last, BatchNorm1d's (N, C), and more than one reduction block per channel.
+        for input in (_randn(2, 3, 4, 5, dtype=dtype), _channels_last(_randn(2, 3, 4, 5, dtype=dtype)),
+                      _randn(6, 3, dtype=dtype), _randn(2, 3, 30, 30, dtype=dtype)):
+            channels = input.shape[1]
+            for training in (True, False):
+                # slope 0.2 saves the output, ReLU the input (the backward's two branches).
+                for slope, with_affine in ((SLOPE, True), (0.0, True), (SLOPE, False)):
+                    weight = torch.rand(channels).to(dtype) + 0.5 if with_affine else None
+                    bias = _randn(channels, dtype=dtype) * 0.1 if with_affine else None
+                    running = (torch.zeros(channels), torch.ones(channels))
+                    output, mean, invstd = forward(input, *running, weight, bias, training, 0.1, 1e-5, slope)
+                    forward_(input.clone(), *running, weight, bias, training, 0.1, 1e-5, slope)
+                    grad = torch.randn_like(output)
+                    saved_output = output if slope > 0 else None
+                    backward(grad, input, saved_output, mean, invstd, weight, bias, training, slope)
+                    backward_(grad.clone(), input, saved_output, mean, invstd, weight, bias, training, slope)
+
+
 CALLS = {"leaky_relu": leaky_relu_calls, "layer_leaky_relu": layer_leaky_relu_calls,
-         "bce_with_logits": bce_with_logits_calls, "reparameterize_kl": reparameterize_kl_calls}
+         "bce_with_logits": bce_with_logits_calls, "reparameterize_kl": reparameterize_kl_calls,
+         "batch_norm_leaky_relu": batch_norm_leaky_relu_calls}
 
 
 def describe(value):
@@ -129,7 +152,8 @@ def record(module_name: str) -> list[dict]:
     launches = []
 
     def intercept(kernel, *arguments, grid, warmup, **keywords):
-        launches.append({"module": module_name, "kernel": kernel.fn.__name__,
+        # The module that defines the kernel (a launcher may reuse another module's kernel).
+        launches.append({"module": kernel.fn.__module__.rsplit(".", 1)[-1], "kernel": kernel.fn.__name__,
                          "arguments": [describe(argument) for argument in arguments],
                          "keywords": {name: describe(value) for name, value in keywords.items()}})
 
