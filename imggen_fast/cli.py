@@ -1,4 +1,4 @@
-"""The ``imggen-fast`` command: ``doctor`` and ``build``."""
+"""The ``imggen-fast`` command: ``doctor``, ``build``, ``train`` and ``sample``."""
 
 from __future__ import annotations
 
@@ -94,7 +94,21 @@ def make_parser() -> argparse.ArgumentParser:
     build_parser = commands.add_parser("build", help="compile the C++ kernels ahead of time")
     build_parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     build_parser.set_defaults(run=build)
+    _add_training_commands(commands)
     return parser
+
+
+def _add_training_commands(commands: argparse._SubParsersAction) -> None:
+    """``train gan|vae|cnn`` and ``sample``, defined in imggen_fast.train."""
+    from imggen_fast import train
+
+    train_parser = commands.add_parser("train", help="train the GAN, VAE or CNN on real data (torchrun-aware)",
+                                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_train_arguments(train_parser)
+    train_parser.set_defaults(run=train.train_command)
+    sample_parser = commands.add_parser("sample", help="draw a PNG grid from a trained GAN or VAE checkpoint")
+    train.add_sample_arguments(sample_parser)
+    sample_parser.set_defaults(run=train.sample_command)
 
 
 def main(argv: list[str] | None = None) -> int:
