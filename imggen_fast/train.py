@@ -44,11 +44,13 @@ DEFAULT_CNN_EPOCHS = 15
 LEARNING_RATES = {"gan": 2e-4, "vae": 1e-3, "cnn": 1e-3}
 GAN_ADAM_BETAS = (0.5, 0.999)  # Radford et al.'s DCGAN setting
 GRID_IMAGES = 64
-# The CNN's augmentation: a random shift of up to this many pixels each way.
-AUGMENT_SHIFT = 2
+# The CNN's augmentation: a random shift of up to image_size // AUGMENT_SHIFT_DIVISOR
+# pixels each way (2 at 32 x 32; none at 8 x 8, where one pixel is an eighth of the digit).
+AUGMENT_SHIFT_DIVISOR = 16
+LR_SCHEDULES = ("constant", "cosine")
 # Options that change the numbers of a run: a checkpoint resumes only under the same.
-RESUME_MUST_MATCH = ("kind", "arch", "data", "image_size", "channels", "batch_size", "seed", "lr", "r1", "beta",
-                     "noise_dim", "latent_dim", "reconstruction", "augment", "world_size")
+RESUME_MUST_MATCH = ("kind", "arch", "data", "image_size", "channels", "batch_size", "seed", "lr", "lr_schedule",
+                     "r1", "beta", "noise_dim", "latent_dim", "reconstruction", "augment", "world_size")
 # The classifier behind the classifier-FID: trained once per data set and image size by
 # this recipe, and cached. Changing the recipe changes the cache key.
 CLASSIFIER_RECIPE = {"epochs": DEFAULT_CNN_EPOCHS, "batch_size": 64, "lr": LEARNING_RATES["cnn"], "seed": 0,
@@ -208,15 +210,15 @@ def save_image_grid(images: torch.Tensor, path: str | Path, columns: int | None 
     return path
 
 
-def _augmented(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _augmented(images: torch.Tensor, generator: torch.Generator, shift: int) -> torch.Tensor:
     """images (N, C, H, W) each shifted by a random whole number of pixels in
-    [-AUGMENT_SHIFT, AUGMENT_SHIFT] along each axis, the border filled with background."""
+    [-shift, shift] along each axis, the border filled with background (-1)."""
     count, channels, height, width = images.shape
     device = images.device
-    padded = nn.functional.pad(images, (AUGMENT_SHIFT,) * 4, value=-1.0)
-    padded_width = width + 2 * AUGMENT_SHIFT
+    padded = nn.functional.pad(images, (shift,) * 4, value=-1.0)
+    padded_width = width + 2 * shift
     # Each image's window into its padded copy, as flat indices gathered in one op (no host sync).
-    offsets = torch.randint(0, 2 * AUGMENT_SHIFT + 1, (count, 2), generator=generator, device=device)
+    offsets = torch.randint(0, 2 * shift + 1, (count, 2), generator=generator, device=device)
     rows = offsets[:, :1] + torch.arange(height, device=device)
     columns = offsets[:, 1:] + torch.arange(width, device=device)
     index = (rows[:, :, None] * padded_width + columns[:, None, :]).view(count, 1, height * width)
@@ -341,13 +343,14 @@ class CNNTask(Task):
         classifier = self.modules["classifier"]
         self.optimizers = {"classifier": torch.optim.Adam(classifier.parameters(), lr=config["lr"])}
         self.train_classifier = _wrapped(classifier, arguments, processes)
-        if config["augment"]:
+        self.shift = config["image_size"] // AUGMENT_SHIFT_DIVISOR if config["augment"] else 0
+        if self.shift:
             seed = int(np.random.SeedSequence([config["seed"], processes.rank, 1]).generate_state(1)[0])
             self.generators["augment"] = torch.Generator(self.device).manual_seed(seed)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.config["augment"]:
-            images = _augmented(images, self.generators["augment"])
+        if self.shift:
+            images = _augmented(images, self.generators["augment"], self.shift)
         return (steps.cnn_step(self.train_classifier, self.optimizers["classifier"], images, labels),)
 
 
@@ -563,17 +566,33 @@ def _config(arguments: argparse.Namespace, train_set: data.ImageDataset, process
         "image_size": arguments.image_size, "channels": arguments.channels,
         "num_classes": int(train_set.labels.max()) + 1,
         "batch_size": arguments.batch_size, "seed": arguments.seed, "lr": arguments.lr,
+        "lr_schedule": arguments.lr_schedule,
         "r1": arguments.r1, "beta": arguments.beta, "noise_dim": arguments.noise_dim,
         "latent_dim": arguments.latent_dim, "reconstruction": arguments.reconstruction,
         "augment": arguments.augment, "world_size": processes.world_size,
     }
 
 
-def _check_resumable(checkpoint: dict, config: dict, path: Path) -> None:
+def _check_resumable(checkpoint: dict, config: dict, total_steps: int, path: Path) -> None:
     for key in RESUME_MUST_MATCH:
         if checkpoint["config"].get(key) != config[key]:
             raise UsageError(f"--resume {str(path)!r}: the checkpoint was trained with {key} = "
                              f"{checkpoint['config'].get(key)!r}, this run asks for {config[key]!r}")
+    if config["lr_schedule"] == "cosine" and checkpoint["metrics"]["steps"] != total_steps:
+        raise UsageError(f"--resume {str(path)!r}: the cosine learning-rate schedule spans the run's "
+                         f"{checkpoint['metrics']['steps']} steps; resume with the same length, not {total_steps}")
+    if checkpoint["step"] > total_steps:
+        raise UsageError(f"--resume {str(path)!r}: the checkpoint is at step {checkpoint['step']}, "
+                         f"beyond this run's {total_steps} steps")
+
+
+def learning_rate(base: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate of ``step`` (0-based) of ``total_steps``: ``base``, or for
+    ``"cosine"`` ``base`` decayed along half a cosine towards 0 at the end. A function
+    of the step alone, so that resuming needs no scheduler state."""
+    if schedule == "constant":
+        return base
+    return base * 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
 class _LossLog:
@@ -630,9 +649,8 @@ def run(arguments: argparse.Namespace, processes: Processes) -> dict:
     checkpoint_path = out / CHECKPOINT_NAME
     checkpoint = None
     if arguments.resume:
-        checkpoint_path_in = checkpoint_path if arguments.resume is True else Path(arguments.resume)
-        checkpoint = load_checkpoint(checkpoint_path_in)
-        _check_resumable(checkpoint, config, checkpoint_path_in)
+        resume_path = checkpoint_path if arguments.resume is True else Path(arguments.resume)
+        checkpoint = load_checkpoint(resume_path)
 
     classifier = None
     quality_note = None
@@ -658,6 +676,8 @@ def run(arguments: argparse.Namespace, processes: Processes) -> dict:
 
     order = BatchOrder(train_set, arguments.batch_size, arguments.seed, processes)
     total_steps = _total_steps(arguments, order.batches_per_epoch)
+    if checkpoint is not None:
+        _check_resumable(checkpoint, config, total_steps, resume_path)
     metrics = {
         "kind": arguments.kind, "config": config, "eager": arguments.eager, "compile": arguments.compile,
         "device": str(processes.device), "steps": total_steps, "batches_per_epoch": order.batches_per_epoch,
@@ -675,8 +695,6 @@ def run(arguments: argparse.Namespace, processes: Processes) -> dict:
         metrics["losses"] = checkpoint["metrics"]["losses"]
         metrics["evaluations"] = checkpoint["metrics"]["evaluations"]
         metrics["train_seconds"] = checkpoint["metrics"]["train_seconds"]
-        if start_step > total_steps:
-            raise UsageError(f"--resume: the checkpoint is at step {start_step}, beyond --steps {total_steps}")
 
     train_images = train_set.images.to(processes.device)
     train_labels = train_set.labels.to(processes.device)
@@ -736,6 +754,10 @@ def run(arguments: argparse.Namespace, processes: Processes) -> dict:
 
     for step in range(start_step + 1, total_steps + 1):
         indices = order.indices(step - 1).to(processes.device)
+        if arguments.lr_schedule != "constant":
+            for optimizer in task.optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(arguments.lr, arguments.lr_schedule, step - 1, total_steps)
         log.add(task.step(train_images[indices], train_labels[indices]))
         progress.update()
         if step % arguments.log_every == 0 or step == total_steps:
@@ -830,6 +852,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per step and process (the global batch is this times the processes)")
     parser.add_argument("--lr", type=_non_negative_float, default=None,
                         help="Adam's learning rate (default: 2e-4 gan, 1e-3 vae and cnn)")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                        help="constant, or cosine decay to 0 over the run (default: cosine for cnn, else constant)")
     parser.add_argument("--r1", type=_non_negative_float, default=0.0, metavar="GAMMA",
                         help="gan: R1 penalty weight gamma (loss += gamma/2 * R1), 0 for none")
     parser.add_argument("--beta", type=_non_negative_float, default=1.0, help="vae: KL weight")
@@ -839,7 +863,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vae: reconstruction likelihood (default: bernoulli for digits and mnist5k, "
                              "gaussian for a folder)")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
-                        help="cnn: no random shifts of up to 2 pixels")
+                        help="cnn: no random shifts (of up to image_size/16 pixels each way)")
     parser.add_argument("--eager", action="store_true", help="plain torch: no imggen_fast.patch, torch's losses")
     parser.add_argument("--compile", action="store_true", help="torch.compile the (patched) models")
     parser.add_argument("--seed", type=_non_negative_int, default=0)
@@ -871,6 +895,8 @@ def _resolve_defaults(arguments: argparse.Namespace) -> argparse.Namespace:
         arguments.channels = 1 if built_in else 3
     if arguments.lr is None:
         arguments.lr = LEARNING_RATES[arguments.kind]
+    if arguments.lr_schedule is None:
+        arguments.lr_schedule = "cosine" if arguments.kind == "cnn" else "constant"
     if arguments.reconstruction is None:
         arguments.reconstruction = "bernoulli" if built_in else "gaussian"
     if arguments.out is None:
