@@ -28,7 +28,7 @@ import torch
 
 import imggen_fast
 from imggen_fast import data, models, steps
-from imggen_fast.train import GAN_ADAM_BETAS, LossModule, _CallsLoss
+from imggen_fast.train import GAN_ADAM_BETAS, LossModule, _CallsLoss, adam
 
 STEPS = 30
 BATCH = 16
@@ -37,6 +37,7 @@ TIGHT = 1e-5
 GAN_TIGHT_STEPS = 20
 GAN_LOOSE = 1e-2
 GAN_PARAMETERS = 0.1
+CPU = torch.device("cpu")
 
 
 def _batches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -64,8 +65,7 @@ def _train(kind: str, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
         generator = models.Generator(IMAGE_SIZE, 1, noise_dim=16)
         discriminator = models.Discriminator("conv", IMAGE_SIZE, 1)
         trained = {"generator": generator, "discriminator": discriminator}
-        optimizers = [torch.optim.Adam(module.parameters(), lr=2e-4, betas=GAN_ADAM_BETAS)
-                      for module in (generator, discriminator)]
+        optimizers = [adam(module.parameters(), 2e-4, CPU, GAN_ADAM_BETAS) for module in (generator, discriminator)]
         step_generator, step_discriminator = _prepared(generator, mode), _prepared(discriminator, mode)
         gan_losses = steps.EAGER_GAN_LOSSES if mode == "eager" else steps.FUSED_GAN_LOSSES
         r1_gamma = 1.0 if kind == "gan_r1" else 0.0
@@ -75,14 +75,14 @@ def _train(kind: str, mode: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     elif kind == "vae":
         vae = models.VAE(IMAGE_SIZE, 1, latent_dim=8, reconstruction="bernoulli")
         trained = {"vae": vae}
-        optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+        optimizer = adam(vae.parameters(), 1e-3, CPU)
         loss_of = _CallsLoss(_prepared(LossModule(vae), mode))
         for batch, eps in zip(images, _noise(8)):
             losses.append(steps.vae_step(loss_of, optimizer, batch, beta=1.0, eps=eps)[None])
     else:
         classifier = models.CNN(IMAGE_SIZE, 1, 10)
         trained = {"classifier": classifier}
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+        optimizer = adam(classifier.parameters(), 1e-3, CPU)
         step_classifier = _prepared(classifier, mode)
         for batch, batch_labels in zip(images, labels):
             losses.append(steps.cnn_step(step_classifier, optimizer, batch, batch_labels)[None])

@@ -33,29 +33,41 @@ def classifier(tmp_path_factory):
 
 def test_gan_run_writes_checkpoint_metrics_plot_grids_and_a_score(tmp_path, classifier):
     out = tmp_path / "gan"
-    assert train.main(["gan", "--data", "digits", "--image-size", "8", "--steps", "40", "--batch-size", "32",
-                       "--sample-every", "20", "--checkpoint-every", "20", "--quality-samples", "300",
+    assert train.main(["gan", "--data", "digits", "--image-size", "8", "--steps", "20", "--batch-size", "32",
+                       "--sample-every", "10", "--checkpoint-every", "10", "--quality-samples", "300",
                        "--classifier", str(classifier), "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["losses"]) == {"d_loss", "g_loss"}
-    assert all(len(values) == 40 and all(np.isfinite(values)) for values in metrics["losses"].values())
-    assert [evaluation["step"] for evaluation in metrics["evaluations"]] == [0, 20, 40]
-    untrained, trained = metrics["evaluations"][0], metrics["evaluations"][-1]
-    assert metrics["quality"]["classifier_fid"] == trained["classifier_fid"]
-    # 40 steps already beat the untrained generator (which draws near-constant images).
-    assert trained["classifier_fid"] < untrained["classifier_fid"]
-    assert sum(trained["class_spread"]["histogram"]) == pytest.approx(1, abs=1e-3)
-    assert trained["real_images"] == 360 and trained["generated_images"] == 300
+    assert all(len(values) == 20 and all(np.isfinite(values)) for values in metrics["losses"].values())
+    # The untrained generator's score, then one per sample grid; the last is the quality.
+    assert [evaluation["step"] for evaluation in metrics["evaluations"]] == [0, 10, 20]
+    final = metrics["evaluations"][-1]
+    assert metrics["quality"] == {key: value for key, value in final.items() if key != "step"}
+    assert all(evaluation["classifier_fid"] > 0 for evaluation in metrics["evaluations"])
+    assert sum(final["class_spread"]["histogram"]) == pytest.approx(1, abs=1e-3)
+    assert final["real_images"] == 360 and final["generated_images"] == 300
     assert metrics["config"]["arch"] == "seed" and metrics["eager"] is False and metrics["steps_per_second"] > 0
+    assert metrics["quality_note"] == f"classifier: {classifier}"
     # An 8 x 8 grid of 8-pixel images with 2-pixel gaps, drawn 2 x 2 per pixel.
-    for name in ("samples/step_000020.png", "samples/step_000040.png", "samples.png"):
+    for name in ("samples/step_000010.png", "samples/step_000020.png", "samples.png"):
         with Image.open(out / name) as grid:
             assert grid.size == (2 * (8 * 10 + 2), 2 * (8 * 10 + 2)) and grid.mode == "L"
     with Image.open(out / "losses.png") as plot:
         assert plot.size[0] > 300
     checkpoint = _checkpoint(out)
-    assert checkpoint["step"] == 40 and set(checkpoint["models"]) == {"generator", "discriminator"}
+    assert checkpoint["step"] == 20 and set(checkpoint["models"]) == {"generator", "discriminator"}
     assert set(checkpoint["optimizers"]) == {"generator", "discriminator"}
+
+
+def test_trained_vae_scores_better_than_untrained(tmp_path, classifier):
+    out = tmp_path / "vae"
+    assert train.main(["vae", "--data", "digits", "--image-size", "8", "--steps", "40", "--batch-size", "32",
+                       "--sample-every", "0", "--quality-samples", "300", "--classifier", str(classifier),
+                       "--out", str(out)]) == 0
+    untrained, trained = json.loads((out / "metrics.json").read_text())["evaluations"]
+    assert (untrained["step"], trained["step"]) == (0, 40)
+    assert trained["classifier_fid"] < 0.95 * untrained["classifier_fid"]
+    assert trained["class_spread"]["classes_seen"] >= 5
 
 
 def _assert_same_run(expected_folder, resumed_folder) -> None:
@@ -119,6 +131,18 @@ def test_eager_and_patched_runs_agree(tmp_path):
                                    torch.tensor(eager["metrics"]["losses"][name]), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow
+def test_compiled_run_agrees_and_saves_plain_weights(tmp_path):
+    options = ["cnn", *TINY, "--steps", "3", "--batch-size", "16"]
+    assert train.main([*options, "--out", str(tmp_path / "patched")]) == 0
+    assert train.main([*options, "--compile", "--out", str(tmp_path / "compiled")]) == 0
+    patched, compiled = _checkpoint(tmp_path / "patched"), _checkpoint(tmp_path / "compiled")
+    assert compiled["metrics"]["compile"] and compiled["models"]["classifier"].keys() == patched["models"][
+        "classifier"].keys()
+    torch.testing.assert_close(torch.tensor(compiled["metrics"]["losses"]["loss"]),
+                               torch.tensor(patched["metrics"]["losses"]["loss"]), rtol=1e-5, atol=0)
+
+
 def test_cnn_learns_the_digits(tmp_path):
     out = tmp_path / "cnn"
     assert train.main(["cnn", "--data", "digits", "--image-size", "8", "--epochs", "3", "--out", str(out)]) == 0
@@ -143,12 +167,16 @@ def test_vae_grids_show_samples_and_reconstructions(vae_checkpoint):
         pixels = np.asarray(grid, dtype=np.int64)
     with Image.open(vae_checkpoint / "samples" / "step_000003.png") as grid:
         assert grid.size == (2 * (8 * 10 + 2), 2 * (8 * 10 + 2))
-    # The first row holds held-out digits: 8 x 8 tiles at offset 2 (times the scale 2).
-    first = pixels[4:20, 4:20][::2, ::2]
+    # The first row holds held-out digits spread over the split: 8 x 8 tiles at offset 2,
+    # every 10 pixels (times the scale 2); the first and the last are the split's ends.
     from imggen_fast import data
 
-    expected = ((data.digits(8, 1, "test").images[0, 0] + 1) / 2 * 255).round().numpy()
-    np.testing.assert_allclose(first, expected, atol=1)
+    held_out = data.digits(8, 1, "test").images
+    spread = torch.linspace(0, len(held_out) - 1, 32).long()
+    for column in (0, 1, 7):
+        tile = pixels[4:20, 4 + 20 * column:20 + 20 * column][::2, ::2]
+        expected = ((held_out[spread[column], 0] + 1) / 2 * 255).round().numpy()
+        np.testing.assert_allclose(tile, expected, atol=1)
 
 
 @pytest.mark.parametrize("eager", [False, True])
@@ -209,9 +237,9 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert train.main(["cnn", *TINY, "--steps", "1", "--out", str(out)]) == 0
     assert train.main(["cnn", *TINY, "--steps", "2", "--seed", "7", "--out", str(out), "--resume"]) == 2
     assert "trained with seed = 0, this run asks for 7" in capsys.readouterr().err
-    assert train.main(["cnn", *TINY, "--steps", "2", "--batch-size", "32", "--out", str(out),
+    assert train.main(["cnn", *TINY, "--steps", "2", "--batch-size", "16", "--out", str(out),
                        "--resume", str(out / "checkpoint.pt")]) == 2
-    assert "batch_size = 64, this run asks for 32" in capsys.readouterr().err
+    assert "batch_size = 32, this run asks for 16" in capsys.readouterr().err
     # The cosine schedule spans the run: resuming may not change its length.
     assert train.main(["cnn", *TINY, "--steps", "2", "--out", str(out), "--resume"]) == 2
     assert "spans the run's 1 steps" in capsys.readouterr().err
