@@ -58,7 +58,8 @@ RESUME_MUST_MATCH = ("kind", "arch", "data", "image_size", "channels", "batch_si
 # The classifier behind the classifier-FID: trained once per data set and image size by
 # this recipe, and cached. Changing the recipe changes the cache key.
 CLASSIFIER_RECIPE = {"epochs": DEFAULT_CNN_EPOCHS, "batch_size": DEFAULT_BATCH_SIZES["cnn"],
-                     "lr": LEARNING_RATES["cnn"], "lr_schedule": "cosine", "seed": 0, "augment": True}
+                     "lr": LEARNING_RATES["cnn"], "lr_schedule": "cosine", "seed": 0, "augment": True,
+                     "optimizer": "fused Adam"}
 
 
 class UsageError(ValueError):
