@@ -59,6 +59,9 @@ def test_class_spread():
     assert spread["classes_seen"] == 3
     uniform = quality.class_spread(torch.eye(10).repeat(5, 1))
     assert uniform["normalized_entropy"] == pytest.approx(1.0) and uniform["classes_seen"] == 10
+    collapsed = quality.class_spread(torch.eye(10)[[4] * 8])
+    assert collapsed["histogram"][4] == 1 and collapsed["classes_seen"] == 1
+    assert str(collapsed["normalized_entropy"]) == "0.0"  # not -0.0
 
 
 def test_sample_quality_features_are_the_penultimate_layer_of_plain_and_patched_cnns():
