@@ -89,8 +89,8 @@ def class_spread(logits: torch.Tensor) -> dict[str, object]:
     counts = torch.bincount(logits.argmax(1), minlength=classes).double()
     shares = counts / counts.sum()
     nonzero = shares[shares > 0]
-    # max: a single class gives -(1 * log 1) = -0.0.
-    entropy = max(float(-(nonzero * nonzero.log()).sum()) / math.log(classes), 0.0) if classes > 1 else 0.0
+    # + 0.0: a single class gives -(1 * log 1) = -0.0, and -0.0 + 0.0 is 0.0.
+    entropy = float(-(nonzero * nonzero.log()).sum()) / math.log(classes) + 0.0 if classes > 1 else 0.0
     return {
         "histogram": [round(float(share), 4) for share in shares],
         "normalized_entropy": round(entropy, 4),
