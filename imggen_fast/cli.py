@@ -1,4 +1,5 @@
-"""The ``imggen-fast`` command: ``doctor``, ``build`` and ``check-gpu``."""
+"""The ``imggen-fast`` command: ``report`` (the main job), ``doctor``, ``build``, ``train``,
+``sample`` and ``check-gpu``."""
 
 from __future__ import annotations
 
@@ -180,7 +181,21 @@ def make_parser() -> argparse.ArgumentParser:
     check_parser = commands.add_parser("check-gpu", help="on a GPU: the cuda tests and the GPU timings, in one go")
     check_gpu.add_arguments(check_parser)
     check_parser.set_defaults(run=check_gpu.main)
+    _add_training_commands(commands)
     return parser
+
+
+def _add_training_commands(commands: argparse._SubParsersAction) -> None:
+    """``train gan|vae|cnn`` and ``sample``, defined in imggen_fast.train."""
+    from imggen_fast import train
+
+    train_parser = commands.add_parser("train", help="train the GAN, VAE or CNN on real data (torchrun-aware)",
+                                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_train_arguments(train_parser)
+    train_parser.set_defaults(run=train.train_command)
+    sample_parser = commands.add_parser("sample", help="draw a PNG grid from a trained GAN or VAE checkpoint")
+    train.add_sample_arguments(sample_parser)
+    sample_parser.set_defaults(run=train.sample_command)
 
 
 def main(argv: list[str] | None = None) -> int:
