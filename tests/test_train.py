@@ -46,7 +46,7 @@ def test_gan_run_writes_checkpoint_metrics_plot_grids_and_a_score(tmp_path, clas
     assert all(evaluation["classifier_fid"] > 0 for evaluation in metrics["evaluations"])
     assert sum(final["class_spread"]["histogram"]) == pytest.approx(1, abs=1e-3)
     assert final["real_images"] == 360 and final["generated_images"] == 300
-    assert metrics["config"]["arch"] == "seed" and metrics["eager"] is False and metrics["steps_per_second"] > 0
+    assert metrics["config"]["arch"] == "dcgan" and metrics["eager"] is False and metrics["steps_per_second"] > 0
     assert metrics["quality_note"] == f"classifier: {classifier}"
     # An 8 x 8 grid of 8-pixel images with 2-pixel gaps, drawn 2 x 2 per pixel.
     for name in ("samples/step_000010.png", "samples/step_000020.png", "samples.png"):
@@ -213,6 +213,7 @@ def test_sample_rejects_a_classifier(tmp_path, classifier, capsys):
 @pytest.mark.parametrize("arguments,message", [
     (["gan", "--r1", "1", "--compile"], "torch.compile does not support the double backward"),
     (["vae", "--arch", "dcgan"], "--arch dcgan applies to gan"),
+    (["cnn", "--arch", "seed"], "--arch seed applies to gan"),
     (["gan", "--image-size", "12"], "needs a power of two >= 8"),
     (["cnn", "--image-size", "10"], "needs a multiple of 4"),
     (["vae", "--r1", "1"], "--r1 applies to gan"),
@@ -271,9 +272,9 @@ def test_image_folder_data(tmp_path):
         assert grid.mode == "RGB"
 
 
-def test_dcgan_arch_trains_and_resumes(tmp_path):
+def test_seed_arch_trains_and_resumes(tmp_path):
     whole, halves = tmp_path / "whole", tmp_path / "halves"
-    options = ["gan", *TINY, "--arch", "dcgan", "--batch-size", "16"]
+    options = ["gan", *TINY, "--arch", "seed", "--batch-size", "16"]
     assert train.main([*options, "--steps", "4", "--out", str(whole)]) == 0
     assert train.main([*options, "--steps", "2", "--out", str(halves)]) == 0
     assert train.main([*options, "--steps", "4", "--out", str(halves), "--resume"]) == 0
