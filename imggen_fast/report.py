@@ -373,14 +373,14 @@ PROVIDER_LABELS = {
     "imggen_fast": "imggen_fast", "imggen_fast_channels_last": "imggen_fast, channels_last",
     "imggen_fast_eps": "imggen_fast, eps given", "compile": "torch.compile",
     "compile_imggen_fast": "torch.compile of patched", "floor_copy": "floor: copy of the same bytes",
-    "floor_bare_layer": "floor: bare layer",
+    "floor_bare_layer": "floor: bare layer", "compile_freezing": "torch.compile, inductor freezing",
 }
 
 
 # How the summary names the variant that was fastest in its role.
 SHORT_LABELS = {"eager_channels_last": "CL", "eager_inplace": "in-place", "imggen_fast_channels_last": "CL",
                 "imggen_fast_eps": "eps given", "compile_imggen_fast": "compiled", "floor_copy": "copy",
-                "floor_bare_layer": "bare layer"}
+                "floor_bare_layer": "bare layer", "compile_freezing": "freezing"}
 
 
 def short_label(provider: str) -> str:
@@ -701,10 +701,16 @@ def plot_time_against_size(results: list[dict[str, object]], op: str, limits: di
         by_flops = all(_work(result, "flops") for result in chosen) and not all(_work(result, "bytes_moved")
                                                                              for result in chosen)
         work_key, limit_key = ("flops", "matmul_GFLOP/s") if by_flops else ("bytes_moved", "copy_GB/s")
+        if not all(_work(result, work_key) for result in chosen):
+            # A case without a measure of its work has no place on the size axis.
+            axes.set_axis_off()
+            axes.set_title(f"{op}, {direction}: no bytes or flops given", fontsize=10)
+            continue
         providers = list(dict.fromkeys(name for result in chosen for name in result["providers"]))
         for index, provider in enumerate(providers):
-            points = sorted((_work(result, work_key), result["providers"][provider]["spread"]) for result in chosen
-                            if provider in result["providers"] and "spread" in result["providers"][provider])
+            points = sorted(((_work(result, work_key), result["providers"][provider]["spread"]) for result in chosen
+                             if provider in result["providers"] and "spread" in result["providers"][provider]),
+                            key=lambda point: point[0])
             if not points:
                 continue
             x = [work for work, _ in points]

@@ -64,7 +64,9 @@ def test_discover_rejects_a_list_of_other_things(tmp_path, monkeypatch):
 def test_every_case_module_of_the_package_is_discovered():
     ops = {(case.kind, case.op) for case in registry.discover().cases}
     assert {("op", "layer_leaky_relu"), ("op", "reparameterize_kl"), ("op", "bce_with_logits"),
-            ("op", "gan_d_loss"), ("model", "gan"), ("model", "vae"), ("model", "cnn")} <= ops
+            ("op", "gan_d_loss"), ("op", "batch_norm_leaky_relu"), ("op", "batch_norm_relu"),
+            ("op", "generator_sampling"), ("model", "gan"), ("model", "dcgan"), ("model", "vae"),
+            ("model", "cnn")} <= ops
     ids = [case.id for case in registry.discover().cases]
     assert len(ids) == len(set(ids)), "two cases share an id"
 
@@ -95,7 +97,10 @@ def test_select_by_kind_and_name_and_bad_names():
 def test_quick_mode_covers_every_op_and_the_gan_and_vae_steps():
     quick = registry.select("quick")
     assert {case.op for case in quick} >= set(registry.known_names("op")) | {"gan", "vae"}
-    assert {case.direction for case in quick if case.kind == "op"} == {"both"}
+    # Forward + backward where an op has a backward; inference cases (sampling) forward only.
+    with_backward = {case.op for case in registry.discover().cases if case.direction == "both"}
+    assert {case.direction for case in quick if case.op in with_backward} == {"both"}
+    assert {case.direction for case in quick if case.kind == "op" and case.op not in with_backward} <= {"forward"}
 
 
 def test_roles_follow_the_provider_names():
