@@ -287,6 +287,8 @@ class BatchNormLeakyReLUFunction : public torch::autograd::Function<BatchNormLea
           eager_gradients(grads[0], grads[1], grads[2], saved[0], from_output, saved[1], saved[2], saved[3], saved[4],
                           training, negative_slope);
     } else {
+      // Below autograd: the kernel ops have no autograd kernel to pass through.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       const OptionalTensor input = from_output ? std::nullopt : OptionalTensor(saved[0]);
       const OptionalTensor output = from_output ? OptionalTensor(saved[0]) : std::nullopt;
       if (may_overwrite(grads[0], saved[0])) {

@@ -68,6 +68,9 @@ std::vector<at::Tensor> scale_stored(const at::Tensor& grad_loss, std::vector<at
                (reduction != kReductionNone || unit_grad.sizes() == grad_loss.sizes());
   }
   if (!in_place) {
+    // Only without grad mode (stored_gradient_serves): below autograd, since the kernel op
+    // has no autograd kernel to pass through.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     return op.call(grad_loss, unit_grads, reduction);
   }
   if (!is_cpu_one(grad_loss)) {

@@ -193,6 +193,9 @@ std::tuple<at::Tensor, at::Tensor> pre_activation_grads(const at::Tensor& grad_o
   if (may_overwrite(grad_output, output, dim)) {
     static const auto op =
         imggen_fast_op<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t)>("bias_leaky_relu_backward_");
+    // Grad mode is off here (owned_outright): below autograd, since the in-place kernel
+    // op has no autograd kernel to pass through.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     at::Tensor grad_bias = op.call(grad_output, output, negative_slope, dim);
     return {grad_output, bias_needed ? grad_bias : at::Tensor()};
   }

@@ -108,6 +108,9 @@ class ReparameterizeKLFunction : public torch::autograd::Function<Reparameterize
       }
       std::tie(grad_mu, grad_logvar) = eager_gradients(grads[0], grads[1], saved[0], saved[1], eps, beta, reduction);
     } else {
+      // Below autograd: the saved tensors require grad, and the kernel op has no autograd
+      // kernel of its own to pass through.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(grad_mu, grad_logvar) = op.call(defined_or_none(grads[0]), defined_or_none(grads[1]), saved[0],
                                                saved[1], defined_or_none(saved[2]), defined_or_none(saved[3]), beta,
                                                reduction);
