@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import importlib.util
 import json
 import os
-import pkgutil
 import platform
 import shutil
 import subprocess
@@ -37,8 +35,6 @@ BUDGET_SECONDS = 470  # under 8 minutes, with room for the results and the start
 # Of what is left after installing and building: the share the tests may take before
 # they are stopped (the timings get the rest).
 TEST_SHARE = 0.45
-REPORT_MISSING = ("the timing part needs `imggen-fast report` (imggen_fast/report.py, with --device cuda and CUDA-event "
-                  "timing), which this checkout does not have; the tests ran, the timings did not")
 
 
 def _print(message: str) -> None:
@@ -74,35 +70,22 @@ def collect_cuda_tests() -> list[str]:
 
 
 def registered_cases() -> list:
-    """Every benchmark case: the report's registry (imggen_fast.bench.registry) where this
-    checkout has it, else the ``cases()`` of each module of imggen_fast.bench."""
-    from . import bench
+    """Every benchmark case of the report's registry (imggen_fast.bench.registry)."""
+    from .bench import registry
 
-    if importlib.util.find_spec("imggen_fast.bench.registry") is not None:
-        from .bench import registry
-
-        return list(registry.discover().cases)
-    cases = []
-    for info in sorted(pkgutil.iter_modules(bench.__path__), key=lambda info: info.name):
-        if not info.name.startswith("_"):
-            module = importlib.import_module(f"imggen_fast.bench.{info.name}")
-            if callable(getattr(module, "cases", None)):
-                cases += module.cases()
-    return cases
+    return list(registry.discover().cases)
 
 
 def timing_plan(mode: str) -> list[dict]:
     """One report run per op or model: its kind, name, report arguments and case ids."""
-    cases = registered_cases()
+    from .bench.registry import in_mode
+
     names: dict[tuple[str, str], list] = {}
-    for case in cases:
-        names.setdefault((getattr(case, "kind", "op"), case.op), []).append(case)
-    in_mode = None
-    if importlib.util.find_spec("imggen_fast.bench.registry") is not None:
-        from .bench.registry import in_mode
+    for case in registered_cases():
+        names.setdefault((case.kind, case.op), []).append(case)
     plan = []
     for (kind, name), members in names.items():
-        selected, run_mode = (in_mode(members, mode), mode) if in_mode else (members, mode)
+        selected, run_mode = in_mode(members, mode), mode
         if not selected:  # a model step only in --full (CNN, DCGAN) is still timed on a GPU
             selected, run_mode = members, "full"
         flag = "--models" if kind == "model" else "--ops"
@@ -112,11 +95,7 @@ def timing_plan(mode: str) -> list[dict]:
 
 
 def run_report(arguments: list[str]) -> int:
-    """``imggen-fast report`` with ``arguments`` (its entry point, imggen_fast.report.main);
-    2 with a clear message where this checkout has no report."""
-    if importlib.util.find_spec("imggen_fast.report") is None:
-        _print(REPORT_MISSING)
-        return 2
+    """``imggen-fast report`` with ``arguments`` (its entry point, imggen_fast.report.main)."""
     from . import report
 
     parser = argparse.ArgumentParser(prog="imggen-fast report")
@@ -226,9 +205,6 @@ def junit_summary(path: Path) -> dict[str, object]:
 def run_timings(folder: Path, plan: list[dict], deadline: float) -> list[dict]:
     """One report per op or model into folder/timings/<name>, until the deadline."""
     outcomes = []
-    if importlib.util.find_spec("imggen_fast.report") is None:
-        _print(REPORT_MISSING)
-        return [{"name": entry["name"], "status": "no report in this checkout"} for entry in plan]
     for entry in plan:
         left = deadline - time.monotonic()
         if left < 20:
