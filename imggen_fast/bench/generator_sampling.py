@@ -17,13 +17,14 @@ convolution instead of after it), so the tolerance is that of a deep fp32 networ
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
 from .. import fuse_for_inference, models
-from .common import (COMPILE, EAGER, EAGER_CHANNELS_LAST, IMGGEN_FAST, IMGGEN_FAST_CHANNELS_LAST, Case, Tolerance, compare, compiled, count_flops,
-                     device)
+from .common import (COMPILE, EAGER, EAGER_CHANNELS_LAST, IMGGEN_FAST, IMGGEN_FAST_CHANNELS_LAST, Case, Tolerance,
+                     compare, compiled, count_flops, device)
 
 OP = "generator_sampling"
 COMPILE_FREEZING = "compile_freezing"
@@ -45,32 +46,25 @@ def _generator(image_size: int) -> torch.nn.Module:
     return generator.eval()
 
 
-def _noise() -> torch.Tensor:
-    return torch.randn(BATCH, 100, generator=torch.Generator().manual_seed(1)).to(device())
-
-
 def _sampler(provider: str, image_size: int):
     """A zero-argument function drawing the batch of images (no autograd)."""
-    generator, noise = _generator(image_size), _noise()
+    generator = _generator(image_size)
+    noise = torch.randn(BATCH, generator.noise_dim, generator=torch.Generator().manual_seed(1)).to(device())
     if provider in (IMGGEN_FAST, IMGGEN_FAST_CHANNELS_LAST):
         generator = fuse_for_inference(generator)
     if provider in (EAGER_CHANNELS_LAST, IMGGEN_FAST_CHANNELS_LAST):
         generator = generator.to(memory_format=torch.channels_last)
+    run = compiled(generator) if provider in (COMPILE, COMPILE_FREEZING) else generator
+    context = contextlib.nullcontext
     if provider == COMPILE_FREEZING:
+        # Imported here: inductor's config takes a second to import, at every case discovery.
         from torch._inductor import config as inductor_config
 
-        run = compiled(generator)
-
-        def frozen() -> torch.Tensor:
-            # Freezing is read when compiling; the context costs the same for every call.
-            with inductor_config.patch(freezing=True), torch.no_grad():
-                return run(noise)
-
-        return frozen
-    run = compiled(generator) if provider == COMPILE else generator
+        # Freezing is read when compiling; the context costs the same at every call.
+        context = functools.partial(inductor_config.patch, freezing=True)
 
     def sample() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), context():
             return run(noise)
 
     return sample
